@@ -1,0 +1,57 @@
+"""Sizes, parsed and printed in one place.
+
+hv counts memory in bytes internally and in 4 KiB pages where the kernel does.
+User input is a number with an optional binary suffix: ``512M``, ``1G``, ``4096K``,
+``300MiB``, or a plain number of bytes.  Negative, empty and unknown-suffix sizes are
+refused with a :class:`~hv.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hv.errors import UsageError
+
+PAGE_SIZE = 4096
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+_SUFFIX = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtb]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse ``text`` ("512M", "1.5G", "4096") into bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UsageError(
+            f"cannot parse size {text!r}: use a number with an optional K, M, G or T suffix"
+        )
+    number, suffix = m.groups()
+    value = float(number) * _SUFFIX[suffix.lower()]
+    if value != int(value):
+        raise UsageError(f"size {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def format_size(nbytes: int | float) -> str:
+    """Print bytes the way a person reads them: ``512.0M``, ``1.50G``."""
+    sign = "-" if nbytes < 0 else ""
+    n = abs(float(nbytes))
+    for suffix, unit in (("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
+        if n >= unit:
+            value = n / unit
+            return f"{sign}{value:.2f}{suffix}" if value < 10 else f"{sign}{value:.1f}{suffix}"
+    return f"{sign}{int(n)}B"
+
+
+def mib(nbytes: int | float) -> float:
+    """Bytes to MiB."""
+    return nbytes / MiB
+
+
+def pages(nbytes: int) -> int:
+    """Bytes to whole 4 KiB pages (rounded down)."""
+    return nbytes // PAGE_SIZE
