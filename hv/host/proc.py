@@ -1,0 +1,85 @@
+"""Reading /proc for a process: liveness, its command line, memory of a VMA range."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from hv.errors import VMGone
+from hv.units import KiB
+
+
+@dataclass(frozen=True)
+class RangeUsage:
+    """Memory of the mappings overlapping one address range, from ``smaps``."""
+
+    rss_bytes: int
+    swap_bytes: int
+    anon_huge_bytes: int
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def cmdline(pid: int) -> list[str]:
+    """The argv of ``pid`` (empty list if it has gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def exe_name(pid: int) -> str:
+    """Basename of the executable of ``pid`` ("" if unknown)."""
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return ""
+
+
+def range_usage(pid: int, start: int, length: int, vm_name: str = "") -> RangeUsage:
+    """Sum ``Rss``, ``Swap`` and ``AnonHugePages`` of the VMAs overlapping [start, start+length).
+
+    VMAs only partly inside the range are counted whole; QEMU maps guest RAM as one
+    VMA (or a few, once split by madvise), so this is exact for guest RAM.
+    """
+    end = start + length
+    rss = swap = huge = 0
+    inside = False
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            for line in f:
+                first = line.split(b" ", 1)[0]
+                if b"-" in first and not first.endswith(b":"):
+                    lo, hi = (int(x, 16) for x in first.split(b"-"))
+                    inside = lo < end and hi > start
+                elif inside:
+                    if first == b"Rss:":
+                        rss += int(line.split()[1]) * KiB
+                    elif first == b"Swap:":
+                        swap += int(line.split()[1]) * KiB
+                    elif first == b"AnonHugePages:":
+                        huge += int(line.split()[1]) * KiB
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise VMGone(vm_name or str(pid), f"process {pid} has exited") from exc
+    return RangeUsage(rss, swap, huge)
+
+
+def meminfo() -> dict[str, int]:
+    """Host /proc/meminfo in bytes, keyed by the kernel's names (``MemAvailable``...)."""
+    out: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, rest = line.split(":", 1)
+            parts = rest.split()
+            value = int(parts[0])
+            out[key] = value * KiB if len(parts) > 1 and parts[1] == "kB" else value
+    return out

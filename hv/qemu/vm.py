@@ -1,0 +1,319 @@
+"""The VM handle: one QEMU, whether hv launched it or only knows its QMP socket.
+
+    async with VM("g1", "/run/hv/g1/qmp.sock") as vm:
+        print(vm.info.pid, vm.info.accel, vm.info.ram)
+        await vm.set_balloon(128 * MiB)
+
+Everything hv learns about a VM comes from QMP and ``/proc/PID``: the pid from the
+socket's peer credentials, the accelerator from ``query-kvm``, the RAM size from
+``query-memory-size-summary``, where guest RAM lives from HMP ``gpa2hva`` and
+``info ramblock``, the balloon device by walking QOM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from hv.errors import HvError, QMPError, UsageError, VMError, VMGone
+from hv.host import proc
+from hv.qemu.qmp import QMPSession, Transcript
+from hv.units import MiB, format_size
+
+# The safe floor for a balloon target, documented in README.md ("Balloon floor").
+FLOOR_MIN_BYTES = 64 * MiB  # a Debian cloud kernel with virtio modules needs ~40 MiB to stay up
+FLOOR_FRACTION = 1 / 8  # struct pages, page tables and slab scale with the VM's size
+HEADROOM_BYTES = 32 * MiB  # room above the guest's own use so inflation doesn't OOM it
+
+STATS_POLL_INTERVAL_S = 2  # the guest refreshes its statistics this often once enabled
+
+
+class VMState(enum.Enum):
+    """Lifecycle of a handle."""
+
+    DETACHED = "detached"
+    ATTACHED = "attached"
+    GONE = "gone"
+
+
+@dataclass(frozen=True)
+class RamRange:
+    """One contiguous piece of guest RAM in the QEMU process."""
+
+    block: str
+    hva: int
+    size: int
+
+
+@dataclass(frozen=True)
+class VMInfo:
+    """What attaching to a VM found out."""
+
+    name: str
+    socket: str
+    pid: int
+    accel: str
+    ram_bytes: int
+    ram: tuple[RamRange, ...]
+    balloon_path: str | None
+
+
+@dataclass(frozen=True)
+class GuestStats:
+    """The guest's own view, from the virtio-balloon statistics queue (bytes, counts).
+
+    ``None`` where the guest does not report a figure (the kernel sends -1).
+    """
+
+    total_bytes: int | None
+    free_bytes: int | None
+    available_bytes: int | None
+    disk_caches_bytes: int | None
+    swap_in_pages: int | None
+    swap_out_pages: int | None
+    major_faults: int | None
+    minor_faults: int | None
+    age_s: float | None  # seconds since the guest last updated the figures
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_STAT_KEYS = {
+    "total_bytes": "stat-total-memory",
+    "free_bytes": "stat-free-memory",
+    "available_bytes": "stat-available-memory",
+    "disk_caches_bytes": "stat-disk-caches",
+    "swap_in_pages": "stat-swap-in",
+    "swap_out_pages": "stat-swap-out",
+    "major_faults": "stat-major-faults",
+    "minor_faults": "stat-minor-faults",
+}
+
+_RAMBLOCK_RE = re.compile(
+    r"^\s*(\S+)\s+\d+\s+\S+\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)", re.MULTILINE)
+_GPA2HVA_RE = re.compile(r"Host virtual address for 0x0 \((\S+)\) is 0x([0-9a-f]+)")
+
+
+def balloon_floor(ram_bytes: int) -> int:
+    """The lowest balloon target hv accepts for a VM of ``ram_bytes`` (see README)."""
+    return max(FLOOR_MIN_BYTES, int(ram_bytes * FLOOR_FRACTION))
+
+
+class VM:
+    """A handle on one running QEMU, reached through its QMP socket."""
+
+    def __init__(self, name: str, socket_path: str, transcript: Transcript | None = None) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.state = VMState.DETACHED
+        self._session = QMPSession(name, socket_path, transcript)
+        self._info: VMInfo | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def attach(self) -> VMInfo:
+        """Connect over QMP and learn pid, accelerator, RAM size and location."""
+        if self.state is not VMState.DETACHED:
+            raise VMError(self.name, f"cannot attach a handle that is {self.state.value}")
+        await self._session.open()
+        self.state = VMState.ATTACHED
+        try:
+            self._info = await self._discover()
+        except BaseException:
+            await self.detach()
+            raise
+        return self._info
+
+    async def detach(self) -> None:
+        """Close the QMP connection; the VM keeps running."""
+        await self._session.close()
+        if self.state is VMState.ATTACHED:
+            self.state = VMState.DETACHED
+
+    async def __aenter__(self) -> "VM":
+        await self.attach()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.detach()
+
+    @property
+    def info(self) -> VMInfo:
+        if self._info is None or self.state is not VMState.ATTACHED:
+            raise VMError(self.name, f"handle is {self.state.value}; attach first")
+        return self._info
+
+    async def _cmd(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if self.state is not VMState.ATTACHED:
+            raise VMError(self.name, f"cannot run {command!r}: handle is {self.state.value}")
+        try:
+            return await self._session.execute(command, arguments)
+        except VMGone:
+            self.state = VMState.GONE
+            raise
+
+    async def _discover(self) -> VMInfo:
+        pid = self._session.pid
+        assert pid is not None
+        kvm = await self._cmd("query-kvm")
+        accel = "kvm" if kvm.get("enabled") else "tcg"
+        summary = await self._cmd("query-memory-size-summary")
+        ram_bytes = int(summary["base-memory"]) + int(summary.get("plugged-memory", 0))
+        ram = await self._ram_ranges()
+        balloon = await self._find_balloon()
+        return VMInfo(self.name, str(self.socket_path), pid, accel, ram_bytes, ram, balloon)
+
+    async def _ram_ranges(self) -> tuple[RamRange, ...]:
+        """Where guest RAM (the block at guest physical 0) lives in the QEMU process."""
+        where = _GPA2HVA_RE.search(await self._session.hmp("gpa2hva 0"))
+        if where is None:
+            raise QMPError(self.name, "cannot locate guest RAM: gpa2hva 0 gave no address")
+        block, hva = where.group(1), int(where.group(2), 16)
+        sizes = {m.group(1): int(m.group(3), 16)
+                 for m in _RAMBLOCK_RE.finditer(await self._session.hmp("info ramblock"))}
+        if block not in sizes:
+            raise QMPError(self.name, f"cannot locate guest RAM: block {block!r} not in info ramblock")
+        return (RamRange(block, hva, sizes[block]),)
+
+    async def _find_balloon(self) -> str | None:
+        """QOM path of the virtio-balloon device, wherever it was plugged."""
+        for parent in ("/machine/peripheral", "/machine/peripheral-anon"):
+            try:
+                children = await self._cmd("qom-list", {"path": parent})
+            except QMPError:
+                continue
+            for child in children:
+                if child["type"] in ("child<virtio-balloon-pci>", "child<virtio-balloon-ccw>",
+                                     "child<virtio-balloon-device>"):
+                    return f"{parent}/{child['name']}"
+        return None
+
+    # -- balloon -----------------------------------------------------------------
+    def _require_balloon(self) -> str:
+        path = self.info.balloon_path
+        if path is None:
+            raise VMError(self.name, "has no virtio-balloon device")
+        return path
+
+    async def balloon_actual(self) -> int:
+        """The guest's current memory as QEMU sees it (RAM size minus balloon), bytes."""
+        self._require_balloon()
+        return int((await self._cmd("query-balloon"))["actual"])
+
+    async def check_balloon_target(self, target_bytes: int, *, force: bool = False) -> None:
+        """Refuse a target above the VM's RAM or below the safe floor (see README)."""
+        ram = self.info.ram_bytes
+        if target_bytes > ram:
+            raise UsageError(f"{self.name}: balloon target {format_size(target_bytes)} is above "
+                             f"the VM's maximum {format_size(ram)}")
+        floor = balloon_floor(ram)
+        if target_bytes < floor:
+            raise UsageError(f"{self.name}: balloon target {format_size(target_bytes)} is below "
+                             f"the safe floor {format_size(floor)} for a {format_size(ram)} guest")
+        if force:
+            return
+        stats = await self.guest_stats(wait_s=0)
+        actual = await self.balloon_actual()
+        if stats.total_bytes is None or stats.available_bytes is None:
+            return
+        # With deflate-on-oom the guest still counts balloon pages in its total.
+        in_balloon = max(0, stats.total_bytes - actual)
+        own_use = stats.total_bytes - stats.available_bytes - in_balloon
+        if target_bytes < own_use + HEADROOM_BYTES:
+            raise UsageError(
+                f"{self.name}: balloon target {format_size(target_bytes)} is below what the guest "
+                f"uses ({format_size(own_use)} + {format_size(HEADROOM_BYTES)} headroom); "
+                "use --force to balloon anyway")
+
+    async def set_balloon(self, target_bytes: int, *, force: bool = False) -> None:
+        """Ask the guest to shrink or grow to ``target_bytes`` (checked first)."""
+        self._require_balloon()
+        await self.check_balloon_target(target_bytes, force=force)
+        await self._cmd("balloon", {"value": int(target_bytes)})
+
+    async def wait_balloon(self, target_bytes: int, timeout_s: float,
+                           tolerance_bytes: int = 4 * MiB) -> int:
+        """Poll until the balloon's actual size is within tolerance of the target."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            actual = await self.balloon_actual()
+            if abs(actual - target_bytes) <= tolerance_bytes:
+                return actual
+            if time.monotonic() >= deadline:
+                raise VMError(self.name, f"balloon reached {format_size(actual)}, not "
+                              f"{format_size(target_bytes)}, within {timeout_s:.0f} s")
+            await asyncio.sleep(0.25)
+
+    async def enable_stats(self, interval_s: int = STATS_POLL_INTERVAL_S) -> None:
+        """Ask the guest to send statistics every ``interval_s`` (if not already)."""
+        path = self._require_balloon()
+        current = await self._cmd("qom-get", {"path": path, "property": "guest-stats-polling-interval"})
+        if int(current) != interval_s and (int(current) == 0 or int(current) > interval_s):
+            await self._cmd("qom-set", {"path": path, "property": "guest-stats-polling-interval",
+                                        "value": interval_s})
+
+    async def guest_stats(self, wait_s: float = 2 * STATS_POLL_INTERVAL_S + 1) -> GuestStats:
+        """The guest's statistics; enables polling and waits up to ``wait_s`` for a first report."""
+        path = self._require_balloon()
+        await self.enable_stats()
+        deadline = time.monotonic() + wait_s
+        while True:
+            raw = await self._cmd("qom-get", {"path": path, "property": "guest-stats"})
+            last = int(raw.get("last-update", 0))
+            if last or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.25)
+        values = raw.get("stats", {}) if last else {}
+
+        def get(key: str) -> int | None:
+            v = values.get(key, -1)
+            return None if v is None or int(v) < 0 else int(v)
+
+        fields = {name: get(key) for name, key in _STAT_KEYS.items()}
+        return GuestStats(**fields, age_s=(time.time() - last) if last else None)
+
+    # -- run state ---------------------------------------------------------------
+    async def status(self) -> str:
+        """QEMU's run state: ``running``, ``paused``, ..."""
+        return str((await self._cmd("query-status"))["status"])
+
+    async def pause(self) -> None:
+        await self._cmd("stop")
+
+    async def resume(self) -> None:
+        await self._cmd("cont")
+
+    async def quit(self) -> None:
+        """Ask QEMU to exit; the connection dropping is the expected answer."""
+        try:
+            await self._cmd("quit")
+        except VMGone:
+            pass
+        self.state = VMState.GONE
+        await self._session.close()
+
+    # -- host side ---------------------------------------------------------------
+    def host_usage(self) -> proc.RangeUsage:
+        """Resident and swapped bytes of guest RAM in the host (from smaps)."""
+        info = self.info
+        total = proc.RangeUsage(0, 0, 0)
+        for r in info.ram:
+            u = proc.range_usage(info.pid, r.hva, r.size, self.name)
+            total = proc.RangeUsage(total.rss_bytes + u.rss_bytes, total.swap_bytes + u.swap_bytes,
+                                    total.anon_huge_bytes + u.anon_huge_bytes)
+        return total
+
+
+async def open_vm(name: str, socket_path: str) -> VM:
+    """Attach and return a handle (the caller detaches)."""
+    vm = VM(name, socket_path)
+    await vm.attach()
+    return vm
+
+
+__all__ = ["VM", "VMInfo", "VMState", "RamRange", "GuestStats", "balloon_floor", "open_vm",
+           "HvError"]
