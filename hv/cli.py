@@ -1,0 +1,267 @@
+"""The ``hv`` command: parses, calls the library, prints, sets the exit code.
+
+Only this module prints for the user or decides an exit status.  Every error hv
+raises on purpose (:class:`hv.errors.HvError`) becomes one line on stderr and a
+non-zero exit; so do OS errors and interrupts.  Never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
+
+from hv import __version__
+from hv.errors import HvError, UsageError
+from hv.qemu import accel as accel_mod
+from hv.qemu import launch as launcher
+from hv.qemu.vm import VM
+from hv.units import format_size, parse_size
+
+Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """Plain aligned columns."""
+    cells = [list(map(str, header))] + [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _size(value: int | None) -> str | None:
+    return None if value is None else format_size(value)
+
+
+def _parse_target(text: str) -> int:
+    value = parse_size(text)
+    if value <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return value
+
+
+# -- status ----------------------------------------------------------------------
+async def _status_one(name: str, sock: str) -> dict[str, Any]:
+    async with VM(name, sock) as vm:
+        info = vm.info
+        row: dict[str, Any] = {
+            "vm": name, "socket": info.socket, "pid": info.pid, "accel": info.accel,
+            "run_state": await vm.status(), "max_bytes": info.ram_bytes,
+            "ram": [{"block": r.block, "hva": r.hva, "size": r.size} for r in info.ram],
+            "balloon_bytes": None, "guest": None,
+        }
+        if info.balloon_path is not None:
+            row["balloon_bytes"] = await vm.balloon_actual()
+            row["guest"] = (await vm.guest_stats()).as_dict()
+        usage = vm.host_usage()
+        row["host_resident_bytes"] = usage.rss_bytes
+        row["host_swap_bytes"] = usage.swap_bytes
+        return row
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    targets = ([launcher.socket_of(v) for v in args.vm] if args.vm else launcher.known_vms())
+    results = await asyncio.gather(*(_status_one(n, s) for n, s in targets), return_exceptions=True)
+    rows, failed = [], 0
+    for (name, _), res in zip(targets, results):
+        if isinstance(res, HvError):
+            failed += 1
+            print(f"hv: {res}", file=sys.stderr)
+            rows.append({"vm": name, "error": str(res)})
+        elif isinstance(res, BaseException):
+            raise res
+        else:
+            rows.append(res)
+    if args.json:
+        print(json.dumps({"vms": rows}, indent=1))
+    elif not targets:
+        print("no VMs known to hv (launch some with scripts/run_guests.sh, or `hv attach NAME SOCKET`)")
+    else:
+        header = ["VM", "PID", "ACCEL", "STATE", "MAX", "BALLOON", "GUEST-TOTAL", "GUEST-FREE",
+                  "GUEST-AVAIL", "HOST-RSS", "HOST-SWAP"]
+        out = []
+        for r in rows:
+            if "error" in r:
+                out.append([r["vm"], None, None, "unreachable"] + [None] * 7)
+                continue
+            g = r["guest"] or {}
+            out.append([r["vm"], r["pid"], r["accel"], r["run_state"], _size(r["max_bytes"]),
+                        _size(r["balloon_bytes"]), _size(g.get("total_bytes")),
+                        _size(g.get("free_bytes")), _size(g.get("available_bytes")),
+                        _size(r["host_resident_bytes"]), _size(r["host_swap_bytes"])])
+        print(table(out, header))
+    return 1 if failed else 0
+
+
+# -- balloon, pause, resume ------------------------------------------------------------
+async def cmd_balloon(args: argparse.Namespace) -> int:
+    target = _parse_target(args.size)
+    name, sock = launcher.socket_of(args.vm)
+    async with VM(name, sock) as vm:
+        await vm.set_balloon(target, force=args.force)
+        if args.wait is not None:
+            actual = await vm.wait_balloon(target, args.wait)
+            print(f"{name}: balloon at {format_size(actual)} (target {format_size(target)})")
+        else:
+            print(f"{name}: balloon target set to {format_size(target)}")
+    return 0
+
+
+async def cmd_pause(args: argparse.Namespace) -> int:
+    name, sock = launcher.socket_of(args.vm)
+    async with VM(name, sock) as vm:
+        await (vm.pause() if args.command == "pause" else vm.resume())
+        print(f"{name}: {await vm.status()}")
+    return 0
+
+
+# -- launch, stop, attach ------------------------------------------------------------
+def _params(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param takes KEY=VALUE, not {pair!r}")
+        out[key.removeprefix("hv.")] = value
+    return out
+
+
+async def cmd_launch(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    mem = _parse_target(args.mem)
+    verdict = accel_mod.choose()
+    if verdict.accel != "kvm":
+        print(f"hv: notice: {verdict.reason}", file=sys.stderr)
+    params = _params(args.param)
+    rows = []
+    for i in range(1, args.count + 1):
+        spec = launcher.GuestSpec(
+            name=f"{args.prefix}{i}", mem_bytes=mem, workload=args.workload, params=params,
+            accel=verdict.accel, deflate_on_oom=args.deflate_on_oom,
+            free_page_reporting=args.free_page_reporting)
+        vm = await launcher.launch(spec)
+        rows.append([spec.name, vm.info.pid, vm.info.accel, format_size(mem), spec.workload,
+                     vm.socket_path, launcher.console_log(spec.name)])
+        await vm.detach()
+    print(table(rows, ["VM", "PID", "ACCEL", "MEM", "WORKLOAD", "QMP", "CONSOLE"]))
+    return 0
+
+
+async def cmd_stop(args: argparse.Namespace) -> int:
+    names = [n for n, _ in launcher.known_vms()] if args.all else args.vm
+    if not names:
+        raise UsageError("name the VMs to stop, or use --all")
+    for name in names:
+        launcher.socket_of(name)  # refuse unknown names before stopping anything
+    for name in names:
+        print(f"{name}: {await launcher.stop(name)}")
+    return 0
+
+
+async def cmd_attach(args: argparse.Namespace) -> int:
+    vm = await launcher.attach_external(launcher.check_name(args.name), args.socket)
+    info = vm.info
+    await vm.detach()
+    print(f"{args.name}: attached (pid {info.pid}, {info.accel}, {format_size(info.ram_bytes)})")
+    return 0
+
+
+async def cmd_accel(args: argparse.Namespace) -> int:
+    verdict = await asyncio.to_thread(accel_mod.choose, args.reprobe)
+    print(f"{verdict.accel}: {verdict.reason}")
+    return 0
+
+
+async def cmd_doctor(args: argparse.Namespace) -> int:
+    from hv.host import doctor
+    checks = await asyncio.to_thread(doctor.run_checks)
+    if args.json:
+        print(json.dumps([c.as_dict() for c in checks], indent=1))
+    else:
+        print(table([[c.name, c.verdict, c.reason] for c in checks], ["CHECK", "VERDICT", "WHY"]))
+    return 1 if any(c.verdict == "fail" for c in checks) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hv", description="Memory manager for QEMU/KVM virtual machines "
+                "(ballooning, page sharing, shares and idle tax, after VMware ESX Server).")
+    p.add_argument("--version", action="version", version=f"hv {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("doctor", help="check every capability hv relies on")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("status", help="table of VMs: balloon, guest and host memory")
+    s.add_argument("vm", nargs="*", help="VM names or QMP socket paths (default: all known)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("balloon", help="set a VM's balloon target (its memory size)")
+    s.add_argument("vm")
+    s.add_argument("size", help="target guest memory, e.g. 128M")
+    s.add_argument("--wait", type=float, nargs="?", const=60.0, metavar="SECONDS",
+                   help="wait until the balloon reaches the target (default 60 s)")
+    s.add_argument("--force", action="store_true",
+                   help="skip the check against the guest's own use (never the safe floor)")
+    s.set_defaults(func=cmd_balloon)
+
+    for verb in ("pause", "resume"):
+        s = sub.add_parser(verb, help=f"{verb} a VM's vCPUs")
+        s.add_argument("vm")
+        s.set_defaults(func=cmd_pause)
+
+    s = sub.add_parser("launch", help="launch test guests from the hv guest image")
+    s.add_argument("-n", "--count", type=int, default=2)
+    s.add_argument("-m", "--mem", default="256M")
+    s.add_argument("-w", "--workload", default="idle", choices=launcher.WORKLOADS)
+    s.add_argument("-p", "--prefix", default="g")
+    s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="workload parameter passed as hv.KEY=VALUE on the kernel command line")
+    s.add_argument("--deflate-on-oom", action="store_true")
+    s.add_argument("--free-page-reporting", action="store_true")
+    s.set_defaults(func=cmd_launch)
+
+    s = sub.add_parser("stop", help="stop guests hv launched (forget attached ones)")
+    s.add_argument("vm", nargs="*")
+    s.add_argument("--all", action="store_true")
+    s.set_defaults(func=cmd_stop)
+
+    s = sub.add_parser("attach", help="manage a VM hv did not start, by its QMP socket")
+    s.add_argument("name")
+    s.add_argument("socket")
+    s.set_defaults(func=cmd_attach)
+
+    s = sub.add_parser("accel", help="which accelerator hv uses here, and why")
+    s.add_argument("--reprobe", action="store_true")
+    s.set_defaults(func=cmd_accel)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        handler: Handler = args.func
+        return asyncio.run(handler(args))
+    except HvError as exc:
+        print(f"hv: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hv: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"hv: error: {exc.strerror or exc}"
+              + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Launching test guests and stopping them; the run directory as hv's VM registry.
+
+Each VM hv knows has a folder ``RUN/NAME`` (see :mod:`hv.paths`).  For a guest hv
+launched it holds QEMU's ``qmp.sock`` (mode 0600), ``qemu.pid``, ``console.log`` and
+``meta.json`` (the command line).  For a VM hv did not start, ``hv attach`` makes the
+folder with ``qmp.sock`` as a symlink to that VM's socket; nothing else differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hv import paths
+from hv.errors import HvError, LaunchError, UsageError, VMError, VMGone, VMNotFound
+from hv.host import proc
+from hv.qemu.accel import QEMU
+from hv.qemu.vm import VM
+from hv.units import MiB
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+QUIT_WAIT_S = 5.0  # a QEMU told to quit exits in well under a second
+KILL_WAIT_S = 5.0  # after SIGTERM, then SIGKILL
+WORKLOADS = ("idle", "toucher", "hog", "filecache")
+
+
+@dataclass
+class GuestSpec:
+    """What to launch."""
+
+    name: str
+    mem_bytes: int
+    workload: str = "idle"
+    params: dict[str, str] = field(default_factory=dict)  # hv.KEY=VALUE on the kernel command line
+    cpus: int = 1
+    accel: str = "tcg"
+    deflate_on_oom: bool = False
+    free_page_reporting: bool = False
+    extra_args: list[str] = field(default_factory=list)
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise UsageError(f"bad VM name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+    return name
+
+
+def vm_dir(name: str) -> Path:
+    return paths.run_dir() / check_name(name)
+
+
+def socket_of(name_or_path: str) -> tuple[str, str]:
+    """Resolve a VM argument (a name in the run directory, or a socket path) to (name, socket)."""
+    if "/" in name_or_path:
+        path = Path(name_or_path)
+        if not path.exists():
+            raise VMNotFound(name_or_path, "no such QMP socket")
+        name = path.parent.name if path.name == "qmp.sock" else path.stem
+        return name, str(path)
+    sock = vm_dir(name_or_path) / "qmp.sock"
+    if not os.path.lexists(sock):
+        raise VMNotFound(name_or_path, f"no VM by that name in {paths.run_dir()} "
+                         "(see `hv status`, or pass the path of its QMP socket)")
+    return name_or_path, str(sock)
+
+
+def known_vms() -> list[tuple[str, str]]:
+    """Every (name, socket) registered in the run directory, sorted by name."""
+    root = paths.run_dir()
+    if not root.is_dir():
+        return []
+    return [(d.name, str(d / "qmp.sock")) for d in sorted(root.iterdir())
+            if os.path.lexists(d / "qmp.sock")]
+
+
+def command_line(spec: GuestSpec, where: Path, kernel: Path, initrd: Path) -> list[str]:
+    """The QEMU command line for a test guest."""
+    mem_mib = spec.mem_bytes // MiB
+    append = ["console=ttyS0", "panic=-1", f"hv.workload={spec.workload}"]
+    append += [f"hv.{k}={v}" for k, v in spec.params.items()]
+    balloon = (f"virtio-balloon-pci,id=balloon0,"
+               f"deflate-on-oom={'on' if spec.deflate_on_oom else 'off'},"
+               f"free-page-reporting={'on' if spec.free_page_reporting else 'off'}")
+    return [
+        QEMU, "-name", spec.name, "-accel", spec.accel,
+        "-cpu", "host" if spec.accel == "kvm" else "max",
+        "-machine", "pc,memory-backend=ram0", "-smp", str(spec.cpus), "-m", f"{mem_mib}M",
+        "-object", f"memory-backend-ram,id=ram0,size={mem_mib}M,merge=on",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", " ".join(append),
+        "-device", balloon,
+        "-qmp", f"unix:{where / 'qmp.sock'},server=on,wait=off",
+        "-serial", f"file:{where / 'console.log'}",
+        "-display", "none", "-nodefaults", "-no-user-config", "-no-reboot",
+        "-daemonize", "-pidfile", str(where / "qemu.pid"),
+        *spec.extra_args,
+    ]
+
+
+async def launch(spec: GuestSpec) -> VM:
+    """Start a guest, wait for its QMP socket, enable balloon statistics; returns an attached VM."""
+    check_name(spec.name)
+    if spec.workload not in WORKLOADS:
+        raise UsageError(f"unknown workload {spec.workload!r}: choose from {', '.join(WORKLOADS)}")
+    where = vm_dir(spec.name)
+    if os.path.lexists(where / "qmp.sock"):
+        raise UsageError(f"a VM named {spec.name!r} is already registered in {where}")
+    where.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(where, 0o700)
+    for stale in ("console.log", "qemu.pid"):
+        (where / stale).unlink(missing_ok=True)
+    cmd = command_line(spec, where, paths.guest_kernel(), paths.guest_initrd())
+    (where / "meta.json").write_text(json.dumps({"spec": asdict(spec), "command": cmd}, indent=1))
+    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          preexec_fn=lambda: os.umask(0o077))
+    if done.returncode != 0:
+        output = (done.stderr or done.stdout).strip()
+        first = output.splitlines()[-1] if output else f"exit status {done.returncode}"
+        raise LaunchError(spec.name, f"QEMU failed to start: {first}", cmd, output)
+    vm = VM(spec.name, str(where / "qmp.sock"))
+    try:
+        await vm.attach()
+        await vm.enable_stats()
+    except HvError:
+        await vm.detach()
+        await stop(spec.name)
+        raise
+    return vm
+
+
+def _pid_of(name: str) -> int | None:
+    try:
+        return int((vm_dir(name) / "qemu.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while proc.alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+async def stop(name: str) -> str:
+    """Stop a guest hv launched: QMP ``quit``, then SIGTERM, then SIGKILL; always cleans up.
+
+    For a VM hv only attached to, this just forgets it (the VM keeps running).
+    Returns what was done.
+    """
+    where = vm_dir(name)
+    sock = where / "qmp.sock"
+    if sock.is_symlink():
+        sock.unlink()
+        _remove_dir(where)
+        return "detached (hv did not start it; it keeps running)"
+    pid = _pid_of(name)
+    how = "already stopped"
+    try:
+        if os.path.exists(sock):
+            vm = VM(name, str(sock))
+            try:
+                await asyncio.wait_for(vm.attach(), QUIT_WAIT_S)
+                await vm.quit()
+                how = "quit"
+            except (HvError, asyncio.TimeoutError):
+                pass
+            finally:
+                await vm.detach()
+        if pid is not None and proc.alive(pid) and "qemu" in proc.exe_name(pid):
+            if not _wait_exit(pid, QUIT_WAIT_S):
+                os.kill(pid, signal.SIGTERM)
+                how = "terminated"
+                if not _wait_exit(pid, KILL_WAIT_S):
+                    os.kill(pid, signal.SIGKILL)
+                    how = "killed"
+                    _wait_exit(pid, KILL_WAIT_S)
+    finally:
+        for leftover in ("qmp.sock", "qemu.pid"):
+            (where / leftover).unlink(missing_ok=True)
+    return how
+
+
+def _remove_dir(where: Path) -> None:
+    for child in where.iterdir():
+        child.unlink()
+    where.rmdir()
+
+
+async def attach_external(name: str, socket_path: str) -> VM:
+    """Register a VM hv did not start, by its QMP socket, and check it answers."""
+    target = Path(socket_path).resolve()
+    if not target.exists():
+        raise VMNotFound(name, f"no QMP socket at {socket_path}")
+    where = vm_dir(name)
+    if os.path.lexists(where / "qmp.sock"):
+        raise UsageError(f"a VM named {name!r} is already registered in {where}")
+    vm = VM(name, str(target))
+    await vm.attach()  # refuse sockets that don't answer before registering anything
+    where.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (where / "qmp.sock").symlink_to(target)
+    return vm
+
+
+def console_log(name: str) -> Path:
+    return vm_dir(name) / "console.log"
+
+
+def describe(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+__all__ = ["GuestSpec", "launch", "stop", "attach_external", "known_vms", "socket_of",
+           "console_log", "command_line", "check_name", "VMError", "VMGone"]
