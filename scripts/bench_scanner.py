@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Benchmark hv's native scanner (a benchmark, not a test).
+
+Prints, from one run on one core:
+  * memcpy bandwidth (the ceiling for any copy of memory),
+  * XXH3-64 over 4 KiB pages already in memory (the ceiling for hashing),
+  * the native scan (pagemap + kpageflags + pread /proc/PID/mem + XXH3),
+  * a pure-Python scan of the same present pages (pagemap with numpy, 2 MiB
+    reads of /proc/PID/mem, the ``xxhash`` package's xxh3_64 per page).
+
+By default it spawns its own victim process that maps --size MiB (mostly unique
+content, some duplicate pages, some all-zero pages, a few never touched); with
+``--pid PID --range START:LEN`` it scans a real process instead (e.g. QEMU's guest
+RAM: START and LEN in bytes, hex with 0x allowed; repeat --range for more).
+
+    python scripts/bench_scanner.py --size 1024
+    python scripts/bench_scanner.py --pid $(pgrep -f qemu-system) --range 0x7f...:0x20000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from hv.host import native
+from hv.units import MiB, PAGE_SIZE
+
+# The victim: mmap SIZE MiB without huge pages, fill it, print where it is, wait.
+VICTIM = r"""
+import ctypes, json, mmap, sys
+import numpy as np
+size_mib = int(sys.argv[1])
+n = size_mib * 256
+m = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_NOHUGEPAGE)
+base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+words = np.frombuffer(m, dtype=np.uint64).reshape(n, 512)
+rng = np.random.default_rng(1)
+unique = n * 80 // 100          # 80% unique pages
+dups = n * 10 // 100            # 10% copies of 64 patterns
+zeros = n * 5 // 100            # 5% written, then zeroed; the last 5% untouched
+for s in range(0, unique, 4096):
+    e = min(unique, s + 4096)
+    words[s:e] = rng.integers(0, 2**63, size=(e - s, 512), dtype=np.uint64)
+words[unique:unique + dups] = words[np.arange(dups) % 64]
+words[unique + dups:unique + dups + zeros] = 1
+words[unique + dups:unique + dups + zeros] = 0
+print(json.dumps({"base": base, "length": n * 4096}), flush=True)
+sys.stdin.readline()
+"""
+
+
+def best_of(repeat: int, fn: Callable[[], object]) -> float:
+    """Shortest wall time of ``repeat`` calls, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def python_scan(pid: int, ranges: Sequence[tuple[int, int]], readable: np.ndarray) -> int:
+    """Pure-Python scan of the pages marked readable; returns pages hashed."""
+    import xxhash
+
+    hashed = 0
+    run_pages = 2 * MiB // PAGE_SIZE
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem, \
+            open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
+        offset = 0
+        for start, length in ranges:
+            n = length // PAGE_SIZE
+            pm = np.frombuffer(os.pread(pagemap.fileno(), n * 8, start // PAGE_SIZE * 8),
+                               dtype=np.uint64)
+            present = (pm >> np.uint64(63)) != 0
+            todo = present & readable[offset:offset + n]
+            idx = np.flatnonzero(todo)
+            i = 0
+            while i < len(idx):
+                j = i + 1
+                while j < len(idx) and idx[j] == idx[j - 1] + 1 and j - i < run_pages:
+                    j += 1
+                first = int(idx[i])
+                data = os.pread(mem.fileno(), (j - i) * PAGE_SIZE, start + first * PAGE_SIZE)
+                for k in range(len(data) // PAGE_SIZE):
+                    xxhash.xxh3_64_intdigest(data[k * PAGE_SIZE:(k + 1) * PAGE_SIZE])
+                    hashed += 1
+                i = j
+            offset += n
+    return hashed
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    start, _, length = text.partition(":")
+    return int(start, 0), int(length, 0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=1024, help="victim size in MiB (default 1024)")
+    ap.add_argument("--pid", type=int, help="scan this process instead of a victim")
+    ap.add_argument("--range", action="append", type=parse_range, default=[],
+                    help="START:LEN in bytes of the process to scan (with --pid)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per figure; the best counts")
+    ap.add_argument("--batch-kib", type=int, action="append", default=[],
+                    help="pread size of the native scan in KiB (repeatable; default: the C default)")
+    ap.add_argument("--no-python", action="store_true", help="skip the pure-Python scan")
+    args = ap.parse_args()
+
+    victim: subprocess.Popen[str] | None = None
+    if args.pid is None:
+        victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(args.size)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert victim.stdout is not None
+        info = json.loads(victim.stdout.readline())
+        pid, ranges = victim.pid, [(int(info["base"]), int(info["length"]))]
+    else:
+        if not args.range:
+            ap.error("--pid needs at least one --range START:LEN")
+        pid, ranges = args.pid, list(args.range)
+
+    try:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+        copy_bytes = 256 * MiB
+        rounds = 8
+        secs = native.memcpy_seconds(copy_bytes, rounds)
+        memcpy_gbs = copy_bytes * rounds / secs / 1e9
+        print(f"memcpy                 {memcpy_gbs:6.2f} GB/s")
+
+        buf = np.random.default_rng(2).integers(0, 255, size=256 * MiB, dtype=np.uint8)
+        t = best_of(args.repeat, lambda: native.hash_pages(buf))
+        n = buf.size // PAGE_SIZE
+        print(f"XXH3 in memory         {n / t / 1e6:6.2f} M pages/s  {buf.size / t / 1e9:6.2f} GB/s"
+              f"  ({buf.size / t / 1e9 / memcpy_gbs:4.0%} of memcpy)")
+        del buf
+
+        first = native.scan(pid, ranges)
+        print(f"target: pid {pid}, {first.pages} pages, {first.present} present, "
+              f"{first.read} read, {first.ksm} KSM, {first.zero} zero "
+              f"({first.zero_page} zero-page), {first.thp} THP, {first.swapped} swapped")
+        for batch_kib in args.batch_kib or [0]:
+            res: list[native.ScanResult] = []
+            t = best_of(args.repeat, lambda: res.append(native.scan(pid, ranges, batch_bytes=batch_kib * 1024)))
+            last = res[-1]
+            label = f"native scan ({batch_kib} KiB)" if batch_kib else "native scan"
+            print(f"{label:22} {last.present / t / 1e6:6.2f} M present pages/s  "
+                  f"{last.read / t / 1e6:6.2f} M read pages/s  {last.bytes_read / t / 1e9:6.2f} GB/s read"
+                  f"  ({last.bytes_read / t / 1e9 / memcpy_gbs:4.0%} of memcpy)  {t * 1e3:.0f} ms,"
+                  f" {last.preads} preads")
+
+        if not args.no_python:
+            readable = first.has(native.PageFlags.READ)
+            hashed = [0]
+
+            def run() -> None:
+                hashed[0] = python_scan(pid, ranges, readable)
+
+            t = best_of(min(args.repeat, 2), run)
+            print(f"pure-Python scan       {hashed[0] / t / 1e6:6.2f} M read pages/s  "
+                  f"{hashed[0] * PAGE_SIZE / t / 1e9:6.2f} GB/s read  {t * 1e3:.0f} ms")
+    finally:
+        if victim is not None:
+            victim.kill()
+            victim.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One-command set-up of hv on a fresh Debian 12 machine (run as root). Idempotent:
+# a second run only checks and takes seconds.
+#   - Debian packages hv needs (QEMU, busybox-static, xxHash, a C compiler, ...)
+#   - a virtualenv in .venv with hv installed from setup.py (builds native/)
+#   - the guest kernel from Debian's linux-image-cloud-amd64, extracted into the cache
+#     (never installed on the host): $HV_CACHE_DIR/kernel/current
+#   - the guest image: $HV_CACHE_DIR/guest/initramfs.cpio.gz
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cache=${HV_CACHE_DIR:-/var/cache/hv}
+venv=${HV_VENV:-$repo/.venv}
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (apt-get, /var/cache/hv, KSM and pagemap need it)"
+
+# 1. Debian packages ----------------------------------------------------------------
+packages=(qemu-system-x86 qemu-utils busybox-static libxxhash-dev xxhash cpio kmod gcc make
+          libc6-dev python3 python3-venv python3-dev zstd xz-utils util-linux procps)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. The virtualenv with hv (builds the cffi extension) -----------------------------------
+python=${HV_PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+    say "creating virtualenv $venv"
+    "$python" -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+fi
+stamp="$venv/.hv-installed"
+if [ ! -f "$stamp" ] || [ -n "$(find "$repo/setup.py" "$repo/native" -newer "$stamp" -type f 2>/dev/null | head -1)" ] \
+   || ! "$venv/bin/python" -c 'import hv._native' 2>/dev/null; then
+    say "installing hv into $venv (building native/)"
+    "$venv/bin/pip" install -q -e "$repo[test,plot]"
+    touch "$stamp"
+fi
+
+# 3. The guest kernel, extracted into the cache -----------------------------------------
+if ! ls "$cache"/kernel/current/boot/vmlinuz-* >/dev/null 2>&1; then
+    [ -n "$(apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep Candidate)" ] || apt-get update -qq
+    image=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+    [ -n "$image" ] || die "cannot find the package behind linux-image-cloud-amd64"
+    version=${image#linux-image-}
+    say "extracting guest kernel $image into $cache/kernel/$version"
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    (cd "$tmp" && apt-get download -q "$image" >/dev/null 2>&1) || die "apt-get download $image failed"
+    rm -rf "$cache/kernel/$version"
+    mkdir -p "$cache/kernel/$version"
+    dpkg-deb -x "$tmp"/*.deb "$cache/kernel/$version"
+    depmod -b "$cache/kernel/$version" "$version"
+    ln -sfn "$version" "$cache/kernel/current"
+fi
+
+# 4. The guest image ------------------------------------------------------------------
+mkdir -p "$cache/guest"
+bash "$repo/guest_balloon/build.sh" --kernel-root "$cache/kernel/current" \
+     --out "$cache/guest/initramfs.cpio.gz" >/dev/null
+say "ready: $("$venv/bin/hv" --version); guest image $cache/guest/initramfs.cpio.gz"
