@@ -11,7 +11,7 @@ setup(
     setup_requires=["cffi>=1.15"],
     cffi_modules=["native/build_scanner.py:ffibuilder"],
     install_requires=["cffi>=1.15", "numpy>=1.24", "qemu.qmp>=0.0.3"],
-    extras_require={"test": ["pytest>=7", "pytest-timeout", "xxhash>=3", "mypy"],
+    extras_require={"test": ["pytest>=7", "pytest-timeout", "hypothesis", "xxhash>=3", "mypy"],
                     "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["hv = hv.cli:main"]},
 )

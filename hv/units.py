@@ -24,6 +24,8 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtb]?)(?:i?b)?\s*$", re.IGNORE
 
 def parse_size(text: str) -> int:
     """Parse ``text`` ("512M", "1.5G", "4096") into bytes."""
+    if text.strip().startswith("-"):
+        raise UsageError(f"size {text!r} is negative")
     m = _SIZE_RE.match(text)
     if not m:
         raise UsageError(

@@ -35,13 +35,14 @@ python=${HV_PYTHON:-python3}
 if [ ! -x "$venv/bin/python" ]; then
     say "creating virtualenv $venv"
     "$python" -m venv "$venv"
-    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q --upgrade pip >"$venv/pip.log" 2>&1 || { cat "$venv/pip.log" >&2; die "pip upgrade failed"; }
 fi
 stamp="$venv/.hv-installed"
 if [ ! -f "$stamp" ] || [ -n "$(find "$repo/setup.py" "$repo/native" -newer "$stamp" -type f 2>/dev/null | head -1)" ] \
    || ! "$venv/bin/python" -c 'import hv._native' 2>/dev/null; then
     say "installing hv into $venv (building native/)"
-    "$venv/bin/pip" install -q -e "$repo[test,plot]"
+    "$venv/bin/pip" install -q -e "$repo[test,plot]" >"$venv/pip.log" 2>&1 \
+        || { cat "$venv/pip.log" >&2; die "pip install failed (log above)"; }
     touch "$stamp"
 fi
 

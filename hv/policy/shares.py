@@ -11,19 +11,26 @@ Min-funding revocation takes memory from the VM that pays least per page (lowest
 ``rho``) until the VMs fit, never taking a VM below its ``min`` and never giving one
 more than its ``max``.
 
-How ``f`` moves with the allocation.  ``f`` is measured at the VM's *current*
-allocation, so hv holds the number of active pages ``A = f * P_current`` fixed while
-it moves a VM's allocation on paper: pages taken first are idle ones (the balloon
-lets the guest pick what it does not use), so shrinking an allocation raises ``f``
-until only active pages remain, and from then on every page costs 1.  The cost of
-holding ``P`` pages is therefore piecewise linear::
+How the cost moves with the allocation.  ``f`` is measured at the VM's *current*
+allocation ``P0``, so the paper's ratio is exact there; moving the allocation on
+paper needs a rule for the pages taken or added:
 
-    cost(P) = P                    if P <= A
-            = A + k * (P - A)      if P >  A
+- below ``P0``, idle pages go first (the balloon lets the guest give up what it does
+  not use), so the ``A = f * P0`` active pages stay active and each idle page taken
+  saves ``k``; once only active pages remain, each page taken saves 1;
+- above ``P0``, new pages are assumed to be used like the current ones, each
+  costing ``c = f + k * (1 - f)`` (a starved VM, ``f = 1``, pays 1 per page for the
+  memory it is short of and so ramps up fast; an idle one pays nearly ``k``).
 
-and ``rho(P) = S / cost(P)``.  At ``P = P_current`` this is exactly the paper's
-formula; a VM that is all idle (``f = 0``) or all active (``f = 1``) has the same cost
-either way.
+So the cost of holding ``P`` pages is piecewise linear and increasing::
+
+    cost(P) = P                          if P <= A
+            = A + k * (P - A)            if A < P <= P0
+            = P0 * c + c * (P - P0)      if P > P0
+
+and ``rho(P) = S / cost(P)``, which at ``P = P0`` is exactly the paper's formula.
+(Holding ``f`` itself fixed instead would treat a half-active VM squeezed to a third
+of its memory as still half idle, and take active pages from it.)
 
 Targets come from the closed form of revocation ("water filling"): every VM is
 given the allocation at which its ratio equals one common level ``lambda``, clamped
@@ -100,18 +107,37 @@ def idle_cost_factor(tax_rate: float) -> float:
     return 1.0 / (1.0 - tax_rate)
 
 
-def _cost(pages: float, active_pages: float, k: float) -> float:
-    """What holding ``pages`` costs a VM with ``active_pages`` active pages."""
-    if pages <= active_pages:
-        return pages
-    return active_pages + k * (pages - active_pages)
+@dataclass(frozen=True)
+class _CostCurve:
+    """``cost(P)`` of one VM (see the module docstring), in pages."""
 
+    active: float  # A = f * P0: pages in active use now
+    current: float  # P0: pages held now
+    k: float  # cost of an idle page below P0
+    mix: float  # c = f + k (1 - f): cost of a page added above P0
 
-def _pages_for_cost(cost: float, active_pages: float, k: float) -> float:
-    """Inverse of :func:`_cost`."""
-    if cost <= active_pages:
-        return cost
-    return active_pages + (cost - active_pages) / k
+    @classmethod
+    def of(cls, vm: VMDemand, k: float) -> _CostCurve:
+        f = vm.active_fraction
+        return cls(vm.active_pages, vm.allocated_bytes / PAGE_SIZE, k, f + k * (1.0 - f))
+
+    def cost(self, pages: float) -> float:
+        if pages <= self.active:
+            return pages
+        if pages <= self.current:
+            return self.active + self.k * (pages - self.active)
+        return self.active + self.k * (self.current - self.active) + self.mix * (
+            pages - self.current
+        )
+
+    def pages_for(self, cost: float) -> float:
+        """Inverse of :meth:`cost`."""
+        if cost <= self.active:
+            return cost
+        at_current = self.cost(self.current)
+        if cost <= at_current:
+            return self.active + (cost - self.active) / self.k
+        return self.current + (cost - at_current) / self.mix
 
 
 def shares_per_page(
@@ -175,25 +201,25 @@ def compute_targets(
     if sum(lo) >= avail_pages:
         return {vm.name: vm.min_bytes for vm in vms}
 
-    active = [vm.active_pages for vm in vms]
+    curves = [_CostCurve.of(vm, k) for vm in vms]
 
     def pages_at(level: float) -> list[float]:
         # ``level`` is cost per share (1 / lambda): each VM may hold the pages whose
         # cost is ``shares * level``, clamped to its [min, max].
         return [
-            min(h, max(l, _pages_for_cost(vm.shares * level, a, k)))
-            for vm, l, h, a in zip(vms, lo, hi, active)
+            min(h, max(l, curve.pages_for(vm.shares * level)))
+            for vm, l, h, curve in zip(vms, lo, hi, curves)
         ]
 
     # Each VM's pages_at() is linear in ``level`` between its breakpoints (where it
-    # leaves min, where it stops being all-active, where it reaches max), so the
-    # total is piecewise linear: find the segment holding ``avail_pages`` and
+    # leaves min, where its cost curve bends at A and at P0, where it reaches max),
+    # so the total is piecewise linear: find the segment holding ``avail_pages`` and
     # interpolate.  Exact, with no iteration count to tune.
     breakpoints = sorted(
         {
-            _cost(p, a, k) / vm.shares
-            for vm, l, h, a in zip(vms, lo, hi, active)
-            for p in (l, min(max(a, l), h), h)
+            curve.cost(p) / vm.shares
+            for vm, l, h, curve in zip(vms, lo, hi, curves)
+            for p in (l, min(max(curve.active, l), h), min(max(curve.current, l), h), h)
         }
     )
     totals = [sum(pages_at(b)) for b in breakpoints]
@@ -208,27 +234,17 @@ def compute_targets(
     for vm, pages in zip(vms, pages_at(level)):
         target = math.floor(pages + 1e-9) * PAGE_SIZE
         targets[vm.name] = min(vm.max_bytes, max(vm.min_bytes, target))
-    # Clamping to a min that is not page-aligned can push the sum over by less than
-    # a page per VM; take that back from the VMs above their min, lowest ratio first.
+    # Clamping to a min that is not page-aligned, or float rounding, could leave the
+    # sum a little over; take that back page by page from the lowest ratio above min.
     excess = sum(targets.values()) - max(0, available_bytes)
     while excess > 0:
-        victim = pick_victim(
-            [
-                VMDemand(vm.name, vm.shares, vm.min_bytes, vm.max_bytes, targets[vm.name],
-                         _fraction_at(vm, targets[vm.name]))
-                for vm in vms
-            ],
-            tax_rate,
-        )
-        if victim is None:
+        above = [(vm, c) for vm, c in zip(vms, curves) if targets[vm.name] > vm.min_bytes]
+        if not above:
             break
-        give = min(excess, victim.allocated_bytes - victim.min_bytes, PAGE_SIZE)
+        victim, _ = min(
+            above, key=lambda vc: vc[0].shares / vc[1].cost(targets[vc[0].name] / PAGE_SIZE)
+        )
+        give = min(excess, targets[victim.name] - victim.min_bytes, PAGE_SIZE)
         targets[victim.name] -= give
         excess -= give
     return targets
-
-
-def _fraction_at(vm: VMDemand, allocated_bytes: int) -> float:
-    """Active fraction of ``vm`` if it held ``allocated_bytes`` (active pages fixed)."""
-    pages = allocated_bytes / PAGE_SIZE
-    return 1.0 if pages <= 0 else min(1.0, vm.active_pages / pages)

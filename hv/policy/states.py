@@ -22,7 +22,7 @@ example, hv stays in whichever of HIGH and SOFT it was in: reclamation that star
 goes on until free memory is back above the high threshold (the goal of every
 reclaiming state), and does not start until free memory falls below the soft one.
 
-Share before swap (section 4 and 6.3): while the sharing scan has found duplicate
+Share before swap: while the sharing scan has found duplicate
 pages that KSM has not merged yet, hv raises KSM's scan rate before it swaps, and
 in the hard state may hold swapping back for a short while if sharing alone would
 cover the shortfall.

@@ -111,7 +111,7 @@ class QMPSession:
         if self.transcript is not None:
             self.transcript.commands.append((command, args))
         if not self.connected:
-            raise VMGone(self.name, f"QMP connection lost before {command!r}")
+            raise VMGone(self.name, f"QEMU went away (QMP connection lost before {command!r})")
         try:
             return await asyncio.wait_for(self._client.execute(command, args or None), timeout_s)
         except ExecuteError as exc:

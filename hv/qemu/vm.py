@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hv.errors import HvError, QMPError, UsageError, VMError, VMGone
+from hv.errors import QMPError, UsageError, VMError, VMGone
 from hv.host import proc
 from hv.qemu.qmp import QMPSession, Transcript
 from hv.units import MiB, format_size
@@ -216,7 +216,9 @@ class VM:
                              f"the safe floor {format_size(floor)} for a {format_size(ram)} guest")
         if force:
             return
-        stats = await self.guest_stats(wait_s=0)
+        # A guest that sends no statistics has no running balloon driver either, so
+        # the target could not be reached anyway; the floor above still applies.
+        stats = await self.guest_stats(max_age_s=STATS_POLL_INTERVAL_S + 1)
         actual = await self.balloon_actual()
         if stats.total_bytes is None or stats.available_bytes is None:
             return
@@ -256,25 +258,31 @@ class VM:
             await self._cmd("qom-set", {"path": path, "property": "guest-stats-polling-interval",
                                         "value": interval_s})
 
-    async def guest_stats(self, wait_s: float = 2 * STATS_POLL_INTERVAL_S + 1) -> GuestStats:
-        """The guest's statistics; enables polling and waits up to ``wait_s`` for a first report."""
+    async def guest_stats(self, wait_s: float = 2 * STATS_POLL_INTERVAL_S + 1,
+                          max_age_s: float | None = None) -> GuestStats:
+        """The guest's statistics.
+
+        Enables polling, then waits up to ``wait_s`` for a report (one no older than
+        ``max_age_s`` if given); returns all-``None`` figures if none comes.
+        """
         path = self._require_balloon()
         await self.enable_stats()
         deadline = time.monotonic() + wait_s
         while True:
             raw = await self._cmd("qom-get", {"path": path, "property": "guest-stats"})
             last = int(raw.get("last-update", 0))
-            if last or time.monotonic() >= deadline:
+            fresh = last and (max_age_s is None or time.time() - last <= max_age_s)
+            if fresh or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.25)
-        values = raw.get("stats", {}) if last else {}
+        values = raw.get("stats", {}) if fresh else {}
 
         def get(key: str) -> int | None:
             v = values.get(key, -1)
             return None if v is None or int(v) < 0 else int(v)
 
         fields = {name: get(key) for name, key in _STAT_KEYS.items()}
-        return GuestStats(**fields, age_s=(time.time() - last) if last else None)
+        return GuestStats(**fields, age_s=(time.time() - last) if fresh else None)
 
     # -- run state ---------------------------------------------------------------
     async def status(self) -> str:
@@ -308,12 +316,4 @@ class VM:
         return total
 
 
-async def open_vm(name: str, socket_path: str) -> VM:
-    """Attach and return a handle (the caller detaches)."""
-    vm = VM(name, socket_path)
-    await vm.attach()
-    return vm
-
-
-__all__ = ["VM", "VMInfo", "VMState", "RamRange", "GuestStats", "balloon_floor", "open_vm",
-           "HvError"]
+__all__ = ["VM", "VMInfo", "VMState", "RamRange", "GuestStats", "balloon_floor"]

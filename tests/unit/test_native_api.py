@@ -1,0 +1,91 @@
+"""The typed wrapper over hv._native: hashing, argument checks, errors, flags.
+
+These run against the test process itself (no victim, no root needed except
+where noted); the functional tests in tests/functional/test_scanner.py cover
+other processes, swap, KSM and QEMU.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+import numpy as np
+import pytest
+import xxhash
+
+from hv.errors import HostError, NativeError
+from hv.host import native
+from hv.host.native import PageFlags
+from hv.units import PAGE_SIZE
+
+
+def test_hash_pages_equals_the_xxhash_package() -> None:
+    buf = np.random.default_rng(3).integers(0, 256, size=64 * PAGE_SIZE, dtype=np.uint8)
+    buf[5 * PAGE_SIZE:6 * PAGE_SIZE] = 0
+    got = native.hash_pages(buf)
+    raw = buf.tobytes()
+    want = [xxhash.xxh3_64_intdigest(raw[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(64)]
+    assert [int(h) for h in got] == want
+
+
+def test_page_flags_are_distinct_bits() -> None:
+    values = [int(f) for f in PageFlags]
+    assert len(set(values)) == len(values)
+    assert all(v and v & (v - 1) == 0 for v in values)
+    # present() packs its bits into a uint8.
+    assert int(PageFlags.PRESENT | PageFlags.SWAPPED | PageFlags.EXCLUSIVE) < 256
+
+
+def test_memcpy_seconds_is_positive() -> None:
+    assert native.memcpy_seconds(1 << 20, 4) > 0
+
+
+def test_unaligned_ranges_are_refused() -> None:
+    with pytest.raises(ValueError, match="page aligned"):
+        native.scan(os.getpid(), [(PAGE_SIZE + 1, PAGE_SIZE)])
+    with pytest.raises(ValueError, match="page aligned"):
+        native.scan(os.getpid(), [(PAGE_SIZE, 100)])
+
+
+def test_output_arrays_are_checked() -> None:
+    with pytest.raises(ValueError, match="hashes"):
+        native.scan(os.getpid(), [(PAGE_SIZE, PAGE_SIZE)], hashes=np.zeros(1, dtype=np.uint32))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="flags"):
+        native.scan(os.getpid(), [(PAGE_SIZE, PAGE_SIZE)], flags=np.zeros(2, dtype=np.uint16))
+
+
+def test_errors_carry_errno() -> None:
+    with pytest.raises(native.ProcessGone) as gone:
+        native.present(2**22 + 12345, [PAGE_SIZE])  # above pid_max's default: never a process
+    assert isinstance(gone.value, NativeError) and isinstance(gone.value, HostError)
+    assert gone.value.errno == errno.ESRCH
+    # Kernel space is not a user range: pagemap refuses it.
+    with pytest.raises(NativeError):
+        native.scan(os.getpid(), [(0xFFFF_8000_0000_0000, PAGE_SIZE)])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="frame numbers need root")
+def test_scan_of_this_process_fills_supplied_arrays() -> None:
+    n = 16
+    m = mmap.mmap(-1, n * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
+    view = np.frombuffer(m, dtype=np.uint8)
+    base = int(view.ctypes.data)
+    for i in range(0, n, 2):  # even pages written, odd pages never touched
+        view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = i + 1
+    hashes = np.full(n, 99, dtype=np.uint64)
+    flags = np.full(n, 0xFFFF, dtype=np.uint16)
+    pfns = np.full(n, 99, dtype=np.uint64)
+    res = native.scan(os.getpid(), [(base, n * PAGE_SIZE)], hashes=hashes, flags=flags, pfns=pfns)
+    assert res.hashes is hashes and res.flags is flags and res.pfns is pfns
+    assert res.read == n // 2 and res.present == n // 2
+    for i in range(n):
+        if i % 2:
+            assert flags[i] == 0 and hashes[i] == 0 and pfns[i] == 0
+        else:
+            assert hashes[i] == xxhash.xxh3_64_intdigest(bytes([i + 1]) * PAGE_SIZE)
+    assert not native.scan(os.getpid(), [(base, n * PAGE_SIZE)], read_content=False).has(PageFlags.READ).any()
+    del view
+    m.close()
