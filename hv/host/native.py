@@ -27,8 +27,9 @@ from hv.errors import NativeError
 from hv.units import PAGE_SIZE
 
 try:
-    from hv._native import ffi as _ffi
-    from hv._native import lib as _lib
+    # A compiled cffi module: no stubs; ``ffi`` and ``lib`` are dynamic (Any).
+    from hv._native import ffi as _ffi  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    from hv._native import lib as _lib  # type: ignore[import-not-found,import-untyped,unused-ignore]
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
         "hv._native is not built: run `pip install -e .` or "
@@ -60,10 +61,10 @@ class PageFlags(enum.IntFlag):
     SWAPPED = int(_lib.HV_PAGE_SWAPPED)      # pagemap bit 62
     EXCLUSIVE = int(_lib.HV_PAGE_EXCLUSIVE)  # pagemap bit 56
     FILE = int(_lib.HV_PAGE_FILE)            # pagemap bit 61
-    KSM = int(_lib.HV_PAGE_KSM)              # KPF_KSM: merged; not read, see pfn
+    KSM = int(_lib.HV_PAGE_KSM)              # KPF_KSM and mapped more than once; not read
     ZERO_PAGE = int(_lib.HV_PAGE_ZERO_PAGE)  # KPF_ZERO_PAGE: maps the zero page
     ZERO = int(_lib.HV_PAGE_ZERO)            # all-zero content or the zero page
-    THP = int(_lib.HV_PAGE_THP)              # KPF_THP
+    THP = int(_lib.HV_PAGE_THP)              # KPF_THP (of pages whose frame flags were read)
     HUGE = int(_lib.HV_PAGE_HUGE)            # KPF_HUGE (hugetlbfs)
     READ = int(_lib.HV_PAGE_READ)            # read and hashed by this scan
     VANISHED = int(_lib.HV_PAGE_VANISHED)    # present, but unreadable when read
@@ -125,7 +126,8 @@ class ScanResult:
 
     def has(self, flag: PageFlags) -> BoolArray:
         """Boolean mask of the pages carrying ``flag``."""
-        return (self.flags & np.uint16(int(flag))) != 0
+        mask: BoolArray = (self.flags & np.uint16(int(flag))) != 0
+        return mask
 
 
 def _ranges(ranges: Sequence[tuple[int, int]]) -> tuple[U64Array, U64Array, int]:
@@ -143,6 +145,8 @@ def scan(
     ranges: Sequence[tuple[int, int]],
     *,
     batch_bytes: int = 0,
+    read_content: bool = True,
+    all_frame_flags: bool = False,
     hashes: U64Array | None = None,
     flags: U16Array | None = None,
     pfns: U64Array | None = None,
@@ -153,6 +157,14 @@ def scan(
     neither KSM nor the zero page (never faulting a page in, never unmerging).
     Output arrays may be supplied (e.g. mmap-backed) and are filled in place.
     ``batch_bytes`` bounds one read of /proc/PID/mem (0: the C default).
+    ``read_content=False`` stops after pagemap and kpageflags (no hashes, fast).
+
+    /proc/kpageflags costs as much per frame as reading and hashing the page, so
+    by default only pages pagemap does not mark exclusive (mapped once,
+    anonymous) get frame flags: shared pages, zero-page mappings and KSM pages
+    mapped more than once.  A KSM page mapped once shares nothing; it is read
+    (harmless with pread) and not flagged KSM; exclusive pages carry no THP
+    flag.  ``all_frame_flags=True`` reads frame flags for every present page.
     """
     starts, lengths, npages = _ranges(ranges)
     hashes_out: U64Array = _out(hashes, np.uint64, npages, "hashes")
@@ -169,6 +181,8 @@ def scan(
         _ffi.cast("uint64_t *", _ffi.from_buffer(pfns_out, require_writable=True)),
         npages,
         batch_bytes,
+        (0 if read_content else int(_lib.HV_SCAN_NO_READ))
+        | (int(_lib.HV_SCAN_ALL_FLAGS) if all_frame_flags else 0),
         counts,
     )
     _check("scan", pid, int(rc))

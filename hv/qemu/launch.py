@@ -124,6 +124,8 @@ async def launch(spec: GuestSpec) -> VM:
         output = (done.stderr or done.stdout).strip()
         first = output.splitlines()[-1] if output else f"exit status {done.returncode}"
         raise LaunchError(spec.name, f"QEMU failed to start: {first}", cmd, output)
+    # QEMU's -daemonize sets umask 027 itself, so the socket is 0750: tighten it.
+    os.chmod(where / "qmp.sock", 0o600)
     vm = VM(spec.name, str(where / "qmp.sock"))
     try:
         await vm.attach()

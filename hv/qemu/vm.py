@@ -25,7 +25,7 @@ from hv.qemu.qmp import QMPSession, Transcript
 from hv.units import MiB, format_size
 
 # The safe floor for a balloon target, documented in README.md ("Balloon floor").
-FLOOR_MIN_BYTES = 64 * MiB  # a Debian cloud kernel with virtio modules needs ~40 MiB to stay up
+FLOOR_MIN_BYTES = 96 * MiB  # Debian's cloud kernel hides ~40 MiB from MemTotal and uses ~25 MiB idle
 FLOOR_FRACTION = 1 / 8  # struct pages, page tables and slab scale with the VM's size
 HEADROOM_BYTES = 32 * MiB  # room above the guest's own use so inflation doesn't OOM it
 
@@ -60,6 +60,7 @@ class VMInfo:
     ram_bytes: int
     ram: tuple[RamRange, ...]
     balloon_path: str | None
+    deflate_on_oom: bool
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,10 @@ class VM:
         ram_bytes = int(summary["base-memory"]) + int(summary.get("plugged-memory", 0))
         ram = await self._ram_ranges()
         balloon = await self._find_balloon()
-        return VMInfo(self.name, str(self.socket_path), pid, accel, ram_bytes, ram, balloon)
+        doom = False
+        if balloon is not None:
+            doom = bool(await self._cmd("qom-get", {"path": balloon, "property": "deflate-on-oom"}))
+        return VMInfo(self.name, str(self.socket_path), pid, accel, ram_bytes, ram, balloon, doom)
 
     async def _ram_ranges(self) -> tuple[RamRange, ...]:
         """Where guest RAM (the block at guest physical 0) lives in the QEMU process."""
@@ -222,14 +226,21 @@ class VM:
         actual = await self.balloon_actual()
         if stats.total_bytes is None or stats.available_bytes is None:
             return
-        # With deflate-on-oom the guest still counts balloon pages in its total.
-        in_balloon = max(0, stats.total_bytes - actual)
-        own_use = stats.total_bytes - stats.available_bytes - in_balloon
-        if target_bytes < own_use + HEADROOM_BYTES:
+        # The guest's MemTotal leaves out what its kernel reserved at boot ("hidden").
+        # Without deflate-on-oom, ballooned pages leave MemTotal too; with it they stay
+        # in MemTotal and count as used.
+        if self.info.deflate_on_oom:
+            hidden = ram - stats.total_bytes
+            own_use = stats.total_bytes - stats.available_bytes - (ram - actual)
+        else:
+            hidden = actual - stats.total_bytes
+            own_use = stats.total_bytes - stats.available_bytes
+        need = max(0, hidden) + own_use + HEADROOM_BYTES
+        if target_bytes < need:
             raise UsageError(
                 f"{self.name}: balloon target {format_size(target_bytes)} is below what the guest "
-                f"uses ({format_size(own_use)} + {format_size(HEADROOM_BYTES)} headroom); "
-                "use --force to balloon anyway")
+                f"needs ({format_size(own_use)} in use + {format_size(max(0, hidden))} kernel-reserved "
+                f"+ {format_size(HEADROOM_BYTES)} headroom); use --force to balloon anyway")
 
     async def set_balloon(self, target_bytes: int, *, force: bool = False) -> None:
         """Ask the guest to shrink or grow to ``target_bytes`` (checked first)."""

@@ -71,7 +71,7 @@ def test_target_below_guest_use(guests: Guests) -> None:
     wait_for(lambda: (guest_stats(g["socket"]).available_bytes or 1 << 40) < 100 * MiB, 30,
              "guest statistics to show the hog's 150 MiB in use")
     err = one_line_error(hv_cli("balloon", "busy", "100M"))
-    assert "below what the guest uses" in err
+    assert "below what the guest needs" in err
 
 
 def test_vm_dies_mid_operation(guests: Guests) -> None:

@@ -67,7 +67,9 @@ def test_ballooning_returns_touched_memory_to_host(guests: Guests) -> None:
     touched_mib = 150
     g = guests.launch("hog", mem="256M", workload="hog", hog_mib=touched_mib, hog_hold_s=1)
     guests.wait_event(g, "hog_freed", GUEST_BOOT_S)
-    fresh_total(g["socket"], lambda t: t > 0)
+    # Guest statistics lag by up to one polling period: wait until they show the memory free.
+    wait_for(lambda: (guest_stats(g["socket"]).available_bytes or 0) > touched_mib * MiB, 30,
+             "guest statistics to show the hog's memory freed")
 
     async def rss() -> int:
         async with VM("hog", g["socket"]) as vm:
@@ -75,7 +77,7 @@ def test_ballooning_returns_touched_memory_to_host(guests: Guests) -> None:
     rss_before = asyncio.run(rss())
     assert rss_before >= touched_mib * MiB, "the hog's pages should be resident in the host"
 
-    target = 64 * MiB
+    target = 100 * MiB
     r = hv_cli("balloon", "hog", str(target), "--wait", "90")
     assert r.returncode == 0, r.stderr
     rss_after = asyncio.run(rss())
@@ -183,6 +185,6 @@ def test_run_guests_script_launches_and_stops(run_dir: Path, guests: Guests) -> 
 
 
 def test_floor_is_documented_value() -> None:
-    assert balloon_floor(256 * MiB) == 64 * MiB
+    assert balloon_floor(256 * MiB) == 96 * MiB
     assert balloon_floor(4096 * MiB) == 512 * MiB
     assert parse_size("64M") == 64 * MiB

@@ -89,3 +89,10 @@ def test_scan_of_this_process_fills_supplied_arrays() -> None:
     assert not native.scan(os.getpid(), [(base, n * PAGE_SIZE)], read_content=False).has(PageFlags.READ).any()
     del view
     m.close()
+
+
+def test_present_of_a_kernel_address_is_not_process_gone() -> None:
+    with pytest.raises(NativeError) as err:
+        native.present(os.getpid(), [0xFFFF_8000_0000_0000])
+    assert not isinstance(err.value, native.ProcessGone)
+    assert err.value.errno == errno.EINVAL

@@ -1,0 +1,567 @@
+/*
+ * hv native scanner; see scanner.h for the contract of each function.
+ *
+ * One scan walks each range in chunks of CHUNK_PAGES pages:
+ *   1. pread the chunk's /proc/PID/pagemap entries;
+ *   2. pread /proc/kpageflags for the present frames that may be shared (see
+ *      scanner.h), coalescing nearby frame numbers into one read (sorted by
+ *      frame when they are not ascending);
+ *   3. pread /proc/PID/mem for runs of present pages that are neither KSM nor
+ *      the zero page (up to batch_bytes per call) and hash each 4 KiB page with
+ *      XXH3-64; a page whose hash is that of a zero page is compared with zeros.
+ * A page that can no longer be read in step 3 (unmapped meanwhile) is marked
+ * HV_PAGE_VANISHED; a process that exits makes the scan return -ESRCH.
+ */
+#define _GNU_SOURCE
+#include "scanner.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/kernel-page-flags.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+/* libxxhash on x86-64 also exports XXH3_64bits_dispatch, which picks the widest
+ * vector unit at run time (AVX2: twice the speed of the default build); the
+ * hashes are identical. */
+#if defined(__x86_64__) && defined(__has_include)
+#if __has_include(<xxh_x86dispatch.h>)
+#include <xxh_x86dispatch.h>
+#define hv_xxh3 XXH3_64bits_dispatch
+#endif
+#endif
+#ifndef hv_xxh3
+#define hv_xxh3 XXH3_64bits
+#endif
+
+#define PAGE_SHIFT 12
+#define PAGE_BYTES ((size_t)1 << PAGE_SHIFT)
+
+/* /proc/PID/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst). */
+#define PM_PRESENT   (1ULL << 63)
+#define PM_SWAPPED   (1ULL << 62)
+#define PM_FILE      (1ULL << 61)
+#define PM_EXCLUSIVE (1ULL << 56)
+#define PM_PFN_MASK  ((1ULL << 55) - 1)
+
+/* Pagemap entries read per chunk: 16384 entries = 128 KiB of pagemap = 64 MiB of
+ * RAM; larger chunks give denser frame numbers to coalesce in kpageflags. */
+#define CHUNK_PAGES 16384
+/* Read kpageflags across a gap of up to this many unneeded frames rather than
+ * issue another pread: one entry costs ~200 ns here, one pread ~2-3 entries. */
+#define KPF_GAP 2
+/* Largest single kpageflags read, in entries (64 KiB). */
+#define KPF_MAX 8192
+/* Default bytes per pread of /proc/PID/mem; small enough that the pages are
+ * still in cache when they are hashed right after the read. */
+#define DEFAULT_BATCH ((size_t)256 << 10)
+#define MAX_BATCH ((size_t)64 << 20)
+
+#ifndef IOV_MAX
+#define IOV_MAX 1024
+#endif
+
+static int sys_pidfd_open(int pid)
+{
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+/* 1 when the process behind pidfd has exited (the pidfd polls readable),
+ * waiting up to wait_ms for it. */
+static int process_gone_wait(int pidfd, int wait_ms)
+{
+    struct pollfd p = {.fd = pidfd, .events = POLLIN, .revents = 0};
+    if (pidfd < 0)
+        return 0;
+    return poll(&p, 1, wait_ms) > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR));
+}
+
+static int process_gone(int pidfd)
+{
+    return process_gone_wait(pidfd, 0);
+}
+
+/* pread until len bytes, end of file or an error; returns bytes read or -errno. */
+static ssize_t pread_full(int fd, void *buf, size_t len, uint64_t off)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return done ? (ssize_t)done : -errno;
+        }
+        if (r == 0)
+            break;
+        done += (size_t)r;
+    }
+    return (ssize_t)done;
+}
+
+/* Open /proc/PID/<name>; a missing process is -ESRCH. */
+static int open_proc(int pid, const char *name)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/%s", pid, name);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT ? -ESRCH : -errno;
+    return fd;
+}
+
+static const uint8_t zero_page[PAGE_BYTES] __attribute__((aligned(64)));
+static uint64_t zero_hash;
+
+__attribute__((constructor)) static void init_zero_hash(void)
+{
+    zero_hash = hv_xxh3(zero_page, PAGE_BYTES);
+}
+
+static int is_zero(const uint8_t *p)
+{
+    return memcmp(p, zero_page, PAGE_BYTES) == 0;
+}
+
+struct pfn_index {
+    uint64_t pfn;
+    uint32_t index;
+};
+
+static int cmp_pfn(const void *a, const void *b)
+{
+    uint64_t x = ((const struct pfn_index *)a)->pfn, y = ((const struct pfn_index *)b)->pfn;
+    return (x > y) - (x < y);
+}
+
+struct scan {
+    int pidfd, pagemap_fd, mem_fd, kpf_fd;
+    uint64_t *pm;             /* CHUNK_PAGES pagemap entries */
+    uint64_t *kpf;            /* KPF_MAX kpageflags entries */
+    struct pfn_index *order;  /* present frames of the chunk */
+    uint8_t *buf;             /* batch_bytes for /proc/PID/mem */
+    size_t batch_pages;
+    unsigned options;
+    uint64_t *hashes;
+    uint16_t *flags;
+    uint64_t *pfns;
+    struct hv_scan_counts *c;
+};
+
+/* Step 2: frame flags for the present pages of a chunk (out = first output index). */
+static int chunk_kpageflags(struct scan *s, size_t out, size_t n)
+{
+    size_t m = 0;
+    int sorted = 1;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t f = s->flags[out + i];
+        if (!(f & HV_PAGE_PRESENT))
+            continue;
+        /* Mapped once, anonymous: neither KSM-shared nor the zero page. */
+        if ((f & (HV_PAGE_EXCLUSIVE | HV_PAGE_FILE)) == HV_PAGE_EXCLUSIVE &&
+            !(s->options & HV_SCAN_ALL_FLAGS))
+            continue;
+        uint64_t pfn = s->pfns[out + i];
+        if (s->kpf_fd < 0 || pfn == 0) {
+            s->flags[out + i] |= HV_PAGE_NOFLAGS;
+            s->c->noflags++;
+            continue;
+        }
+        if (m && pfn < s->order[m - 1].pfn)
+            sorted = 0;
+        s->order[m].pfn = pfn;
+        s->order[m].index = (uint32_t)(out + i);
+        m++;
+    }
+    if (!sorted)
+        qsort(s->order, m, sizeof *s->order, cmp_pfn);
+
+    for (size_t j = 0; j < m;) {
+        uint64_t lo = s->order[j].pfn;
+        size_t k = j + 1;
+        while (k < m && s->order[k].pfn - s->order[k - 1].pfn <= KPF_GAP &&
+               s->order[k].pfn - lo < KPF_MAX)
+            k++;
+        uint64_t span = s->order[k - 1].pfn - lo + 1;
+        ssize_t r = pread_full(s->kpf_fd, s->kpf, span * 8, lo * 8);
+        if (r < 0)
+            return (int)r;
+        uint64_t got = (uint64_t)r / 8;
+        for (size_t q = j; q < k; q++) {
+            uint64_t rel = s->order[q].pfn - lo;
+            uint32_t idx = s->order[q].index;
+            if (rel >= got) {
+                s->flags[idx] |= HV_PAGE_NOFLAGS;
+                s->c->noflags++;
+                continue;
+            }
+            uint64_t kf = s->kpf[rel];
+            uint16_t f = 0;
+            if (kf & (1ULL << KPF_KSM))
+                f |= HV_PAGE_KSM;
+            if (kf & (1ULL << KPF_ZERO_PAGE))
+                f |= HV_PAGE_ZERO_PAGE | HV_PAGE_ZERO;
+            if (kf & (1ULL << KPF_THP))
+                f |= HV_PAGE_THP;
+            if (kf & (1ULL << KPF_HUGE))
+                f |= HV_PAGE_HUGE;
+            s->flags[idx] |= f;
+            s->c->ksm += !!(f & HV_PAGE_KSM);
+            s->c->zero_page += !!(f & HV_PAGE_ZERO_PAGE);
+            s->c->zero += !!(f & HV_PAGE_ZERO_PAGE);
+            s->c->thp += !!(f & HV_PAGE_THP);
+        }
+        j = k;
+    }
+    return 0;
+}
+
+/* Step 3 for one run of readable pages: addr, npg pages, first output index out. */
+static int read_run(struct scan *s, uint64_t addr, size_t npg, size_t out)
+{
+    size_t done = 0;
+    while (done < npg) {
+        size_t want = (npg - done) * PAGE_BYTES;
+        ssize_t r = pread(s->mem_fd, s->buf, want, (off_t)(addr + done * PAGE_BYTES));
+        s->c->preads++;
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && errno != EIO && errno != EFAULT && errno != ENOMEM)
+            return -errno;
+        if (r <= 0) {
+            /* Nothing readable at this page: unmapped since pagemap, or the
+             * process's memory is gone altogether. */
+            if (process_gone(s->pidfd))
+                return -ESRCH;
+            s->flags[out + done] |= HV_PAGE_VANISHED;
+            s->c->vanished++;
+            done++;
+            continue;
+        }
+        s->c->bytes_read += (uint64_t)r;
+        size_t full = (size_t)r / PAGE_BYTES;
+        for (size_t j = 0; j < full; j++) {
+            const uint8_t *p = s->buf + j * PAGE_BYTES;
+            uint64_t h = hv_xxh3(p, PAGE_BYTES);
+            size_t idx = out + done + j;
+            uint16_t f = HV_PAGE_READ;
+            if (h == zero_hash && is_zero(p)) {
+                f |= HV_PAGE_ZERO;
+                s->c->zero++;
+            }
+            s->hashes[idx] = h;
+            s->flags[idx] |= f;
+        }
+        s->c->read += full;
+        /* A short read stops at a page that could not be read whole; the
+         * next pread starts at that page and finds out why. */
+        done += full;
+        if (!full) {
+            s->flags[out + done] |= HV_PAGE_VANISHED;
+            s->c->vanished++;
+            done++;
+        }
+    }
+    return 0;
+}
+
+static int scan_chunk(struct scan *s, uint64_t addr, size_t n, size_t out)
+{
+    uint64_t want = (uint64_t)n * 8;
+    ssize_t r = pread_full(s->pagemap_fd, s->pm, want, (addr >> PAGE_SHIFT) * 8);
+    if (r < 0)
+        return (int)r;
+    if ((uint64_t)r < want)
+        /* pagemap answers every user address while the mm lives; a short
+         * read means the process has exited (or the range is not user space). */
+        return process_gone(s->pidfd) ? -ESRCH : -EINVAL;
+
+    for (size_t i = 0; i < n; i++) {
+        uint64_t e = s->pm[i];
+        uint16_t f = 0;
+        uint64_t pfn = 0;
+        if (e & PM_PRESENT) {
+            f |= HV_PAGE_PRESENT;
+            pfn = e & PM_PFN_MASK;
+            s->c->present++;
+        } else if (e & PM_SWAPPED) {
+            f |= HV_PAGE_SWAPPED;
+            s->c->swapped++;
+        }
+        if (e & PM_EXCLUSIVE)
+            f |= HV_PAGE_EXCLUSIVE;
+        if (e & PM_FILE)
+            f |= HV_PAGE_FILE;
+        s->flags[out + i] = f;
+        s->pfns[out + i] = pfn;
+        s->hashes[out + i] = 0;
+    }
+
+    int rc = chunk_kpageflags(s, out, n);
+    if (rc < 0 || (s->options & HV_SCAN_NO_READ))
+        return rc;
+
+    for (size_t i = 0; i < n;) {
+        uint16_t f = s->flags[out + i];
+        if (!(f & HV_PAGE_PRESENT) || (f & (HV_PAGE_KSM | HV_PAGE_ZERO_PAGE))) {
+            i++;
+            continue;
+        }
+        size_t j = i + 1;
+        while (j < n && j - i < s->batch_pages) {
+            uint16_t g = s->flags[out + j];
+            if (!(g & HV_PAGE_PRESENT) || (g & (HV_PAGE_KSM | HV_PAGE_ZERO_PAGE)))
+                break;
+            j++;
+        }
+        rc = read_run(s, addr + i * PAGE_BYTES, j - i, out + i);
+        if (rc < 0)
+            return rc;
+        i = j;
+    }
+    return 0;
+}
+
+int hv_scan(int pid, const uint64_t *starts, const uint64_t *lengths, size_t nranges,
+            uint64_t *hashes, uint16_t *flags, uint64_t *pfns, size_t npages,
+            size_t batch_bytes, unsigned options, struct hv_scan_counts *counts)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < nranges; i++) {
+        if ((starts[i] | lengths[i]) & (PAGE_BYTES - 1))
+            return -EINVAL;
+        total += lengths[i] >> PAGE_SHIFT;
+    }
+    if (total != npages)
+        return -EINVAL;
+    if (batch_bytes == 0)
+        batch_bytes = DEFAULT_BATCH;
+    if (batch_bytes < PAGE_BYTES || batch_bytes > MAX_BATCH || (options & ~(HV_SCAN_NO_READ | HV_SCAN_ALL_FLAGS)))
+        return -EINVAL;
+
+    memset(counts, 0, sizeof *counts);
+    counts->pages = npages;
+
+    struct scan s = {.pidfd = -1, .pagemap_fd = -1, .mem_fd = -1, .kpf_fd = -1,
+                     .hashes = hashes, .flags = flags, .pfns = pfns, .c = counts};
+    s.batch_pages = batch_bytes / PAGE_BYTES;
+    s.options = options;
+    int rc = 0;
+
+    s.pidfd = sys_pidfd_open(pid);
+    if (s.pidfd < 0) {
+        rc = -errno;
+        goto out;
+    }
+    if ((s.pagemap_fd = open_proc(pid, "pagemap")) < 0) {
+        rc = s.pagemap_fd;
+        goto out;
+    }
+    if ((s.mem_fd = open_proc(pid, "mem")) < 0) {
+        rc = s.mem_fd;
+        goto out;
+    }
+    /* Without CAP_SYS_ADMIN there are neither frame numbers nor kpageflags:
+     * then every present page is read (pread does not unmerge KSM pages). */
+    s.kpf_fd = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
+
+    s.pm = malloc(CHUNK_PAGES * sizeof *s.pm);
+    s.kpf = malloc(KPF_MAX * sizeof *s.kpf);
+    s.order = malloc(CHUNK_PAGES * sizeof *s.order);
+    if (!s.pm || !s.kpf || !s.order || posix_memalign((void **)&s.buf, PAGE_BYTES, batch_bytes)) {
+        s.buf = NULL;
+        rc = -ENOMEM;
+        goto out;
+    }
+
+    size_t out_index = 0;
+    for (size_t i = 0; i < nranges && rc == 0; i++) {
+        uint64_t addr = starts[i];
+        size_t left = lengths[i] >> PAGE_SHIFT;
+        while (left && rc == 0) {
+            size_t n = left < CHUNK_PAGES ? left : CHUNK_PAGES;
+            rc = scan_chunk(&s, addr, n, out_index);
+            addr += n * PAGE_BYTES;
+            out_index += n;
+            left -= n;
+        }
+    }
+    /* Pages of a process that exited mid-scan read as vanished; say so.  An
+     * exiting process drops its memory a moment before its pidfd turns
+     * readable, so when pages vanished, give it that moment. */
+    if (rc == 0 && process_gone_wait(s.pidfd, counts->vanished ? 50 : 0))
+        rc = -ESRCH;
+
+out:
+    free(s.pm);
+    free(s.kpf);
+    free(s.order);
+    free(s.buf);
+    if (s.kpf_fd >= 0)
+        close(s.kpf_fd);
+    if (s.mem_fd >= 0)
+        close(s.mem_fd);
+    if (s.pagemap_fd >= 0)
+        close(s.pagemap_fd);
+    if (s.pidfd >= 0)
+        close(s.pidfd);
+    return rc;
+}
+
+int64_t hv_present(int pid, const uint64_t *addrs, size_t n, uint8_t *out)
+{
+    enum { RUN = 512 };
+    uint64_t pm[RUN];
+    int pidfd = sys_pidfd_open(pid);
+    if (pidfd < 0)
+        return -errno;
+    int fd = open_proc(pid, "pagemap");
+    if (fd < 0) {
+        close(pidfd);
+        return fd;
+    }
+    int64_t present = 0;
+    for (size_t i = 0; i < n;) {
+        /* Coalesce ascending adjacent pages into one read. */
+        size_t j = i + 1;
+        while (j < n && j - i < RUN &&
+               (addrs[j] >> PAGE_SHIFT) == (addrs[j - 1] >> PAGE_SHIFT) + 1)
+            j++;
+        size_t want = (j - i) * 8;
+        ssize_t r = pread_full(fd, pm, want, (addrs[i] >> PAGE_SHIFT) * 8);
+        if (r < 0 || (size_t)r < want) {
+            /* Short: the mm is gone, or the address is not in user space. */
+            int64_t err = r < 0 ? r : process_gone(pidfd) ? -ESRCH : -EINVAL;
+            close(fd);
+            close(pidfd);
+            return err;
+        }
+        for (size_t k = i; k < j; k++) {
+            uint64_t e = pm[k - i];
+            uint8_t f = 0;
+            if (e & PM_PRESENT) {
+                f |= HV_PAGE_PRESENT;
+                present++;
+            } else if (e & PM_SWAPPED) {
+                f |= HV_PAGE_SWAPPED;
+            }
+            if (e & PM_EXCLUSIVE)
+                f |= HV_PAGE_EXCLUSIVE;
+            out[k] = f;
+        }
+        i = j;
+    }
+    close(fd);
+    close(pidfd);
+    return present;
+}
+
+/* process_madvise(MADV_PAGEOUT) over iov[0..cnt); adds advised bytes to *total.
+ * A range the kernel refuses on its own (ENOMEM: no longer mapped; EINVAL: a
+ * locked, PFN-mapped or hugetlb mapping) is skipped and its errno kept in
+ * *skipped_err; any other error ends the call. */
+static int pageout_iovecs(int pidfd, struct iovec *iov, size_t cnt, int64_t *total, int *skipped_err)
+{
+    size_t off = 0;
+    int again = 0;
+    while (off < cnt) {
+        long r = syscall(SYS_process_madvise, pidfd, iov + off, cnt - off, MADV_PAGEOUT, 0U);
+        if (r < 0) {
+            if (errno == EINTR || (errno == EAGAIN && ++again < 100))
+                continue;
+            if (errno == ENOMEM || errno == EINVAL) {
+                if (!*skipped_err)
+                    *skipped_err = errno;
+                off++;
+                continue;
+            }
+            return -errno;
+        }
+        *total += r;
+        /* The kernel advises whole iovecs in order and stops at the first
+         * that fails; the loop then retries that one alone to learn why. */
+        size_t bytes = (size_t)r;
+        while (off < cnt && bytes >= iov[off].iov_len) {
+            bytes -= iov[off].iov_len;
+            off++;
+        }
+        if (bytes && off < cnt) {
+            iov[off].iov_base = (char *)iov[off].iov_base + bytes;
+            iov[off].iov_len -= bytes;
+        }
+    }
+    return 0;
+}
+
+int64_t hv_pageout(int pid, const uint64_t *addrs, size_t n)
+{
+    struct iovec iov[IOV_MAX];
+    int64_t total = 0;
+    int pidfd = sys_pidfd_open(pid);
+    if (pidfd < 0)
+        return -errno;
+    size_t cnt = 0;
+    int rc = 0, skipped_err = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        uint64_t a = addrs[i] & ~(uint64_t)(PAGE_BYTES - 1);
+        if (cnt && (uint64_t)(uintptr_t)iov[cnt - 1].iov_base + iov[cnt - 1].iov_len == a) {
+            iov[cnt - 1].iov_len += PAGE_BYTES;
+            continue;
+        }
+        if (cnt == IOV_MAX) {
+            rc = pageout_iovecs(pidfd, iov, cnt, &total, &skipped_err);
+            cnt = 0;
+        }
+        iov[cnt].iov_base = (void *)(uintptr_t)a;
+        iov[cnt].iov_len = PAGE_BYTES;
+        cnt++;
+    }
+    if (rc == 0 && cnt)
+        rc = pageout_iovecs(pidfd, iov, cnt, &total, &skipped_err);
+    /* Nothing could be advised because of the mappings themselves: say why.
+     * (Unmapped pages alone are no error: they are not present either.) */
+    if (rc == 0 && total == 0 && skipped_err == EINVAL)
+        rc = -EINVAL;
+    close(pidfd);
+    return rc < 0 ? rc : total;
+}
+
+void hv_hash_pages(const void *buf, size_t npages, uint64_t *out)
+{
+    const uint8_t *p = buf;
+    for (size_t i = 0; i < npages; i++)
+        out[i] = hv_xxh3(p + i * PAGE_BYTES, PAGE_BYTES);
+}
+
+double hv_memcpy_seconds(size_t bytes, unsigned rounds)
+{
+    char *src = malloc(bytes), *dst = malloc(bytes);
+    if (!src || !dst) {
+        free(src);
+        free(dst);
+        return -1.0;
+    }
+    memset(src, 0x5a, bytes);
+    memset(dst, 0xa5, bytes);
+    memcpy(dst, src, bytes);  /* warm up */
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned r = 0; r < rounds; r++) {
+        memcpy(dst, src, bytes);
+        __asm__ volatile("" : : "r"(dst) : "memory");
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    free(src);
+    free(dst);
+    return (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+}
