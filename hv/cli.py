@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import re
 import sys
@@ -21,6 +22,10 @@ from hv.qemu import accel as accel_mod
 from hv.qemu import launch as launcher
 from hv.qemu.vm import VM
 from hv.units import format_size, parse_size
+
+# Modules that add their own subcommands: each has ``register(subparsers) -> None`` and
+# sets ``func`` (an async handler taking the parsed arguments and returning the exit code).
+COMMAND_MODULES: tuple[str, ...] = ()
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -252,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("accel", help="which accelerator hv uses here, and why")
     s.add_argument("--reprobe", action="store_true")
     s.set_defaults(func=cmd_accel)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 
