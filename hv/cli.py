@@ -83,7 +83,8 @@ async def _status_one(name: str, sock: str) -> dict[str, Any]:
 async def cmd_status(args: argparse.Namespace) -> int:
     targets = ([launcher.socket_of(v) for v in args.vm] if args.vm else launcher.known_vms())
     results = await asyncio.gather(*(_status_one(n, s) for n, s in targets), return_exceptions=True)
-    rows, failed = [], 0
+    rows: list[dict[str, Any]] = []
+    failed = 0
     for (name, _), res in zip(targets, results):
         if isinstance(res, HvError):
             failed += 1
@@ -100,12 +101,12 @@ async def cmd_status(args: argparse.Namespace) -> int:
     else:
         header = ["VM", "PID", "ACCEL", "STATE", "MAX", "BALLOON", "GUEST-TOTAL", "GUEST-FREE",
                   "GUEST-AVAIL", "HOST-RSS", "HOST-SWAP"]
-        out = []
+        out: list[list[object]] = []
         for r in rows:
             if "error" in r:
                 out.append([r["vm"], None, None, "unreachable"] + [None] * 7)
                 continue
-            g = r["guest"] or {}
+            g: dict[str, Any] = r["guest"] or {}
             out.append([r["vm"], r["pid"], r["accel"], r["run_state"], _size(r["max_bytes"]),
                         _size(r["balloon_bytes"]), _size(g.get("total_bytes")),
                         _size(g.get("free_bytes")), _size(g.get("available_bytes")),

@@ -115,7 +115,7 @@ class QMPSession:
         try:
             return await asyncio.wait_for(self._client.execute(command, args or None), timeout_s)
         except ExecuteError as exc:
-            raise QMPError(self.name, f"{command}: {exc.error.desc}") from exc
+            raise QMPError(self.name, f"{command}: {exc.error.error.desc}") from exc
         except asyncio.TimeoutError as exc:
             raise QMPError(self.name, f"{command}: no answer within {timeout_s:.0f} s") from exc
         except (ExecInterruptedError, EOFError, ConnectionError) as exc:

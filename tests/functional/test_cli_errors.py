@@ -87,3 +87,24 @@ def test_vm_dies_mid_operation(guests: Guests) -> None:
     finally:
         timer.cancel()
     assert "went away" in err or "exited" in err or "refuses" in err
+
+
+def test_vm_without_balloon_device(guests: Guests, run_dir: Path, tmp_path: Path) -> None:
+    """A bare QEMU (stopped at reset, no balloon) is reported, and ballooning it refused."""
+    import json
+    import subprocess
+
+    sock = tmp_path / "bare.sock"
+    qemu = subprocess.Popen(["qemu-system-x86_64", "-accel", "tcg", "-m", "128", "-S",
+                             "-display", "none", "-nodefaults",
+                             "-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    guests.adopt(qemu.pid)
+    wait_for(sock.exists, 30, "the bare QEMU's QMP socket")
+    r = hv_cli("status", str(sock), "--json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)["vms"][0]
+    assert row["pid"] == qemu.pid and row["balloon_bytes"] is None
+    assert row["run_state"] == "prelaunch"
+    assert "has no virtio-balloon device" in one_line_error(hv_cli("balloon", str(sock), "100M"))
