@@ -11,13 +11,14 @@ import argparse
 import asyncio
 import importlib
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 from hv import __version__
-from hv.errors import HvError, UsageError
+from hv.errors import HvError, QMPBusy, UsageError
 from hv.qemu import accel as accel_mod
 from hv.qemu import launch as launcher
 from hv.qemu.vm import VM
@@ -25,7 +26,7 @@ from hv.units import format_size, parse_size
 
 # Modules that add their own subcommands: each has ``register(subparsers) -> None`` and
 # sets ``func`` (an async handler taking the parsed arguments and returning the exit code).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("hv.sharing.commands", "hv.daemon_commands")
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -62,14 +63,39 @@ def _parse_target(text: str) -> int:
 
 
 # -- status ----------------------------------------------------------------------
+def _daemon_row(name: str, sock: str) -> dict[str, Any] | None:
+    """The row `hv run` wrote for this VM at its last tick, if it manages it."""
+    from hv.daemon import running_status
+    snapshot = running_status()
+    if snapshot is None:
+        return None
+    real = os.path.realpath(sock)
+    for vm_name, row in snapshot["vms"].items():
+        if os.path.realpath(row["socket"]) == real:
+            return {"vm": name, "accel": None, "ram": None, **row,
+                    "managed_by": {"hv_run_pid": snapshot["pid"], "as_of": snapshot["time"],
+                                   "name": vm_name, "state": snapshot["state"]}}
+    return None
+
+
 async def _status_one(name: str, sock: str) -> dict[str, Any]:
+    try:
+        return await _status_live(name, sock)
+    except QMPBusy:
+        row = _daemon_row(name, sock)
+        if row is None:
+            raise
+        return row
+
+
+async def _status_live(name: str, sock: str) -> dict[str, Any]:
     async with VM(name, sock) as vm:
         info = vm.info
         row: dict[str, Any] = {
             "vm": name, "socket": info.socket, "pid": info.pid, "accel": info.accel,
             "run_state": await vm.status(), "max_bytes": info.ram_bytes,
             "ram": [{"block": r.block, "hva": r.hva, "size": r.size} for r in info.ram],
-            "balloon_bytes": None, "guest": None,
+            "balloon_bytes": None, "guest": None, "managed_by": None,
         }
         if info.balloon_path is not None:
             row["balloon_bytes"] = await vm.balloon_actual()
@@ -107,7 +133,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
                 out.append([r["vm"], None, None, "unreachable"] + [None] * 7)
                 continue
             g: dict[str, Any] = r["guest"] or {}
-            out.append([r["vm"], r["pid"], r["accel"], r["run_state"], _size(r["max_bytes"]),
+            run_state = r["run_state"]
+            if r.get("managed_by"):
+                run_state = f"{run_state} (hv run {r['managed_by']['hv_run_pid']})"
+            out.append([r["vm"], r["pid"], r["accel"], run_state, _size(r["max_bytes"]),
                         _size(r["balloon_bytes"]), _size(g.get("total_bytes")),
                         _size(g.get("free_bytes")), _size(g.get("available_bytes")),
                         _size(r["host_resident_bytes"]), _size(r["host_swap_bytes"])])
@@ -269,6 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         handler: Handler = args.func
         return asyncio.run(handler(args))
+    except QMPBusy as exc:
+        from hv.daemon import running_status
+        snapshot = running_status()
+        hint = (f"; `hv run` (pid {snapshot['pid']}) manages its VMs: stop it first"
+                if snapshot else "")
+        print(f"hv: error: {exc}{hint}", file=sys.stderr)
+        return exc.exit_code
     except HvError as exc:
         print(f"hv: error: {exc}", file=sys.stderr)
         return exc.exit_code

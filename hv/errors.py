@@ -11,6 +11,7 @@ exit status.  Wrap, don't swallow: ``raise QMPError(...) from exc``.
      +-- VMError             something about one VM
      |    +-- VMNotFound     no such VM / socket
      |    +-- QMPError       QMP connect failed or a command returned an error
+     |    |    +-- QMPBusy   another client (e.g. `hv run`) holds the VM's QMP socket
      |    +-- VMGone         the VM died (before or during an operation)
      |    +-- LaunchError    QEMU failed to start; carries command and output
      +-- AdmissionError      admission control refused a VM
@@ -69,6 +70,10 @@ class VMNotFound(VMError):
 
 class QMPError(VMError):
     """QMP refused a connection or a command returned an error."""
+
+
+class QMPBusy(QMPError):
+    """The QMP socket accepted the connection but never greeted: another client holds it."""
 
 
 class VMGone(VMError):

@@ -180,7 +180,7 @@ def _guest_image() -> Check:
 
 def _native() -> Check:
     try:
-        from hv import _native  # type: ignore[attr-defined]  # noqa: F401
+        from hv import _native  # type: ignore[attr-defined,unused-ignore]  # noqa: F401
     except ImportError as exc:
         return Check("native", "fail", f"the cffi extension is not built ({exc}): pip install -e .")
     return Check("native", "ok", "cffi scanner extension loaded")

@@ -20,7 +20,7 @@ from typing import Any
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, Runstate
 from qemu.qmp import QMPError as LibQMPError
 
-from hv.errors import QMPError, VMGone, VMNotFound
+from hv.errors import QMPBusy, QMPError, VMGone, VMNotFound
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class QMPSession:
             await asyncio.wait_for(self._client.connect(sock), CONNECT_TIMEOUT_S)
         except asyncio.TimeoutError as exc:
             sock.close()
-            raise QMPError(self.name, f"QMP at {self.socket_path} did not greet within "
-                           f"{CONNECT_TIMEOUT_S:.0f} s (another client may hold it)") from exc
+            raise QMPBusy(self.name, f"QMP at {self.socket_path} did not greet within "
+                          f"{CONNECT_TIMEOUT_S:.0f} s (another client holds it)") from exc
         except (ConnectError, LibQMPError, OSError, EOFError) as exc:
             sock.close()
             raise QMPError(self.name, f"QMP handshake with {self.socket_path} failed: {exc}") from exc

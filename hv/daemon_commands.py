@@ -1,0 +1,123 @@
+"""The ``hv run``, ``hv swap`` and ``hv sample`` subcommands (registered by hv.cli).
+
+    hv run --config FILE [--log FILE] [--once] [--force-state STATE] [--force-state-file FILE]
+    hv swap create SIZE [--path P] | hv swap remove [--path P] | hv swap status
+    hv sample VM [--period S] [--pages N] [--periods K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from hv.daemon import Daemon, Options, parse_state
+from hv.errors import UsageError
+from hv.host import swap
+from hv.policy import WorkingSetEstimator
+from hv.qemu import launch as launcher
+from hv.qemu.vm import VM
+from hv.sampler import Sampler, check_can_sample
+from hv.units import format_size, parse_size
+
+__all__ = ["register"]
+
+
+def _notice(line: str) -> None:
+    print(f"hv: {line}", file=sys.stderr, flush=True)
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    options = Options(
+        config_path=Path(args.config),
+        log_path=Path(args.log) if args.log else None,
+        once=args.once,
+        force_state=parse_state(args.force_state) if args.force_state else None,
+        force_state_file=Path(args.force_state_file) if args.force_state_file else None,
+        guardian=not args.no_guardian,
+    )
+    daemon = Daemon(options, notify=_notice)
+    await daemon.run()
+    return 0
+
+
+async def cmd_swap(args: argparse.Namespace) -> int:
+    if args.swap_command == "create":
+        size = parse_size(args.size)
+        path = await asyncio.to_thread(swap.create, size, args.path)
+        print(f"swap: {path} ({format_size(size)}) created and enabled")
+    elif args.swap_command == "remove":
+        removed = await asyncio.to_thread(swap.remove, args.path)
+        print("swap: " + (", ".join(f"{p} disabled and removed" for p in removed)
+                          if removed else "hv created no swap file; nothing removed"))
+    else:
+        total, free = swap.totals()
+        rows = swap.areas()
+        print(f"swap: {format_size(total)} total, {format_size(free)} free")
+        for a in rows:
+            print(f"  {a.path}  {a.kind}  size {format_size(a.size_bytes)}  "
+                  f"used {format_size(a.used_bytes)}  prio {a.priority}"
+                  + ("  (created by hv)" if a.hv_created else ""))
+    return 0
+
+
+async def cmd_sample(args: argparse.Namespace) -> int:
+    if args.period <= 0 or args.pages < 1 or args.periods < 1:
+        raise UsageError("--period must be > 0, --pages and --periods >= 1")
+    check_can_sample()
+    name, sock = launcher.socket_of(args.vm)
+    async with VM(name, sock) as vm:
+        info = vm.info
+        sampler = Sampler(info.pid, [(r.hva, r.size) for r in info.ram], args.pages)
+        est = WorkingSetEstimator()
+        for i in range(args.periods):
+            res = await sampler.period(args.period)
+            est.update(res.touched, res.sampled)
+            row: dict[str, Any] = {
+                "period": i + 1, "touched": res.touched, "sampled": res.sampled,
+                "dropped": res.dropped, "sampleable": res.sampleable, "present": res.present,
+            }
+            frac = "-" if res.fraction is None else f"{res.fraction:.3f}"
+            print(f"{name}: period {row['period']}: {res.touched}/{res.sampled} touched "
+                  f"(f={frac}, dropped {res.dropped}, sampleable {res.sampleable} of "
+                  f"{res.present} present)  slow={est.slow if est.slow is None else round(est.slow, 3)} "
+                  f"fast={est.fast if est.fast is None else round(est.fast, 3)} "
+                  f"active={est.active_fraction:.3f}", flush=True)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``run``, ``swap`` and ``sample`` to hv's subcommands."""
+    s = sub.add_parser("run", help="the allocation loop: manage the configured VMs' memory")
+    s.add_argument("--config", required=True, help="TOML configuration (see hv.policy.config)")
+    s.add_argument("--log", help="event log, JSON lines (default: STATE/daemon/events.jsonl)")
+    s.add_argument("--once", action="store_true",
+                   help="one tick (collect, decide, act, log) with the saved estimates, then stop")
+    s.add_argument("--force-state", choices=["high", "soft", "hard", "low"],
+                   help="act as if free memory were at least this bad (tests, drills)")
+    s.add_argument("--force-state-file", metavar="FILE",
+                   help="read a forced state from FILE every tick (empty or absent: none)")
+    s.add_argument("--no-guardian", action="store_true",
+                   help="do not spawn the process that resumes VMs if hv is killed")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("swap", help="host swap for hypervisor swapping and the sampler")
+    ss = s.add_subparsers(dest="swap_command", required=True, metavar="{create,remove,status}")
+    c = ss.add_parser("create", help="create and enable a swap file")
+    c.add_argument("size", help="e.g. 2G")
+    c.add_argument("--path", help=f"default: {swap.default_path()}")
+    c.set_defaults(func=cmd_swap)
+    r = ss.add_parser("remove", help="disable and delete the swap file(s) hv created")
+    r.add_argument("--path")
+    r.set_defaults(func=cmd_swap)
+    st = ss.add_parser("status", help="host swap areas")
+    st.set_defaults(func=cmd_swap)
+
+    s = sub.add_parser("sample", help="measure one VM's working set by sampling")
+    s.add_argument("vm", help="VM name or QMP socket path")
+    s.add_argument("--period", type=float, default=30.0, help="seconds per period (default 30)")
+    s.add_argument("--pages", type=int, default=100, help="pages per sample (default 100)")
+    s.add_argument("--periods", type=int, default=3, help="how many periods (default 3)")
+    s.set_defaults(func=cmd_sample)

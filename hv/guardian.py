@@ -1,0 +1,112 @@
+"""The guardian: undoes what a dead ``hv run`` left behind.
+
+``hv run`` spawns ``python -m hv.guardian HV_PID GUARD_FILE`` in its own session.
+The guardian waits on a pidfd of hv (no polling, no pid reuse race) and, when hv
+is gone for whatever reason (SIGKILL included), reads the guard file the daemon
+keeps up to date (:class:`GuardFile`: the VMs hv paused, and whether it raised
+KSM's rate) and resumes every such VM and restores KSM's tunables.  A daemon that
+stops cleanly has already done both and removed the file, so the guardian then
+has nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hv.errors import HvError
+from hv.host.ksm import Ksm
+from hv.qemu.vm import VM
+
+__all__ = ["GuardFile", "undo", "main"]
+
+RESUME_TIMEOUT_S = 10.0  # a live QEMU answers "cont" in milliseconds
+
+
+@dataclass
+class GuardFile:
+    """What a running daemon has changed that must not outlive it."""
+
+    path: Path
+    hv_pid: int = 0
+    paused: dict[str, str] = field(default_factory=dict)  # VM name -> QMP socket
+    ksm_raised: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> GuardFile:
+        try:
+            data = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return cls(path)
+        return cls(path, int(data.get("hv_pid", 0)), dict(data.get("paused", {})),
+                   bool(data.get("ksm_raised", False)))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"hv_pid": self.hv_pid, "paused": self.paused,
+                                   "ksm_raised": self.ksm_raised}))
+        tmp.replace(self.path)
+
+    @property
+    def empty(self) -> bool:
+        return not self.paused and not self.ksm_raised
+
+
+async def _resume(name: str, sock: str) -> str:
+    vm = VM(name, sock)
+    try:
+        await asyncio.wait_for(vm.attach(), RESUME_TIMEOUT_S)
+        await asyncio.wait_for(vm.resume(), RESUME_TIMEOUT_S)
+        return f"{name}: resumed"
+    except (HvError, asyncio.TimeoutError) as exc:
+        return f"{name}: cannot resume: {exc}"
+    finally:
+        await vm.detach()
+
+
+def undo(path: Path) -> list[str]:
+    """Resume the VMs and restore KSM as recorded in ``path``; remove it; say what was done."""
+    guard = GuardFile.load(path)
+    done: list[str] = []
+    for name, sock in guard.paused.items():
+        done.append(asyncio.run(_resume(name, sock)))
+    if guard.ksm_raised:
+        try:
+            done.append("ksm: restored" if Ksm().restore() else "ksm: nothing to restore")
+        except HvError as exc:
+            done.append(f"ksm: cannot restore: {exc}")
+    path.unlink(missing_ok=True)
+    return done
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m hv.guardian HV_PID GUARD_FILE", file=sys.stderr)
+        return 2
+    pid, path = int(argv[0]), Path(argv[1])
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fd = -1  # already gone: undo at once
+    if fd >= 0:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while not poller.poll():
+            pass
+        os.close(fd)
+    guard = GuardFile.load(path)
+    if guard.hv_pid not in (0, pid):
+        return 0  # a newer hv owns the file now
+    for line in undo(path):
+        print(f"hv-guardian: {line}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

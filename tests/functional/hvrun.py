@@ -1,0 +1,164 @@
+"""Helpers for the daemon, sampler and swap tests: host swap, KSM snapshots, `hv run`.
+
+Not a test module: imported by test_daemon*.py and test_sampler*.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hv.eventlog import read_events
+from hv.host import swap
+from hv.units import MiB
+from tests.conftest import REPO, hv_cli, kill_pid, wait_for
+
+KSM_TUNABLES = ("run", "pages_to_scan", "sleep_millisecs")
+
+# Enough for the tests' admission (sum of max - min of two 256 MiB guests with
+# min 96-128 MiB) plus what sampling and forced hard states page out.
+TEST_SWAP_BYTES = 1024 * MiB
+
+
+def ksm_snapshot() -> dict[str, str]:
+    out = {}
+    for name in KSM_TUNABLES:
+        with open(f"/sys/kernel/mm/ksm/{name}") as f:
+            out[name] = f.read().strip()
+    return out
+
+
+def assert_ksm_restored(log: Path, state_dir: Path, before: dict[str, str]) -> None:
+    """hv put KSM's tunables back: every raise has its restore, and the record is gone.
+
+    KSM is host-global and other hv work (the sharing governor's tests and
+    benchmarks) may change it at the same time, so the values read back right after
+    the restore are compared with what hv saved, and a difference is reported, not
+    failed, unless no one else touched KSM during the test.
+    """
+    raised = list(read_events(log, "ksm_raised"))
+    restored = list(read_events(log, "ksm_restored"))
+    assert len(restored) >= len(raised), (raised, restored)
+    assert not (state_dir / "ksm-saved.json").exists()
+    for r, s in zip(raised, restored):
+        saved = {k: r["saved"][k] for k in KSM_TUNABLES}
+        now = {k: s["now"][k] for k in KSM_TUNABLES}
+        if saved != now or ksm_snapshot() != before:
+            print(f"note: KSM changed by another process during the test: hv saved {saved}, "
+                  f"read back {now}, test saw {before} before and {ksm_snapshot()} after")
+        if saved == before == ksm_snapshot():
+            assert now == saved
+
+
+def swap_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Make sure the host has free swap; remove what this created afterwards."""
+    _, free = swap.totals()
+    if free >= TEST_SWAP_BYTES * 3 // 4:
+        yield
+        return
+    d = tmp_path_factory.mktemp("swap")
+    env = {"HV_STATE_DIR": str(d / "state")}
+    path = d / "swapfile"
+    done = hv_cli("swap", "create", str(TEST_SWAP_BYTES), "--path", str(path), env=env)
+    assert done.returncode == 0, done.stderr
+    try:
+        yield
+    finally:
+        done = hv_cli("swap", "remove", "--path", str(path), env=env, timeout_s=300)
+        assert done.returncode == 0, done.stderr
+        assert not path.exists()
+
+
+def write_config(path: Path, host: dict[str, Any], vms: dict[str, dict[str, Any]]) -> Path:
+    def value(v: Any) -> str:
+        return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+    lines = ["[host]"] + [f"{k} = {value(v)}" for k, v in host.items()]
+    for name, table in vms.items():
+        lines += ["", f"[vm.{name}]"] + [f"{k} = {value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class HvRun:
+    """One `hv run` process and its event log."""
+
+    def __init__(self, config: Path, log: Path, *extra: str) -> None:
+        self.log = log
+        self.stderr_path = log.with_suffix(f".{int(time.time() * 1000)}.stderr")
+        self._stderr = open(self.stderr_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hv.cli", "run", "--config", str(config), "--log", str(log),
+             *extra],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=self._stderr, env=dict(os.environ))
+
+    def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        return [e for e in read_events(self.log, event)
+                if all(e.get(k) == v for k, v in match.items())]
+
+    def wait_event(self, event: str, timeout_s: float, **match: Any) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            self.check_alive()
+            got = self.events(event, **match)
+            return got[-1] if got else None
+        return wait_for(found, timeout_s, f"event {event} {match}")  # type: ignore[no-any-return]
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"hv run exited with {self.proc.returncode}: {self.stderr()}")
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text()
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            kill_pid(self.proc.pid)
+            self.proc.wait(5)
+        self._stderr.close()
+
+
+def qmp_status(sock: str) -> str:
+    """QEMU's run state, asked over QMP by a fresh connection."""
+    import asyncio
+
+    from hv.qemu.vm import VM
+
+    async def go() -> str:
+        async with VM("probe", sock) as vm:
+            return await vm.status()
+    return asyncio.run(go())
+
+
+def guardian_pids(state_dir: Path) -> list[int]:
+    """Guardian processes watching this state directory's guard file."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"hv.guardian" in argv and any(str(state_dir).encode() in a for a in argv):
+            out.append(int(entry.name))
+    return out
