@@ -1,0 +1,125 @@
+"""Scan running VMs into their page-state files and build the sharing index.
+
+    async with open_targets(["g1", "g2"]) as targets:   # or targets from VM handles
+        scanner = Scanner(targets)
+        index = scanner.scan_all()          # scans every VM, updates state, builds the table
+        scanner.close()
+
+A target is checked before anything is read: its pid must be a QEMU process (a
+wrong pid is refused with the name of what it is), and a VM that exits during its
+scan raises :class:`~hv.errors.VMGone` with its state file left as it was (the scan
+fills scratch arrays; the file is only updated from a complete scan).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from hv.errors import NativeError, VMError, VMGone
+from hv.host import native, proc
+from hv.qemu import launch as launcher
+from hv.qemu.vm import VM, RamRange, VMInfo
+from hv.sharing import state as st
+from hv.sharing.index import SharingIndex, VmPages, build_index, read_ksm_stat
+from hv.units import PAGE_SIZE
+
+__all__ = ["Target", "check_qemu", "open_targets", "Scanner"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A VM to scan: its name, QMP socket, QEMU pid and where its RAM lives."""
+
+    name: str
+    socket: str
+    pid: int
+    ram: tuple[RamRange, ...]
+
+    @classmethod
+    def from_info(cls, info: VMInfo) -> "Target":
+        return cls(info.name, info.socket, info.pid, info.ram)
+
+    @property
+    def pages(self) -> int:
+        return sum(r.size for r in self.ram) // PAGE_SIZE
+
+    def identity(self) -> st.Identity:
+        return st.Identity(self.name, self.socket, ",".join(r.block for r in self.ram),
+                           sum(r.size for r in self.ram), self.pages)
+
+
+def check_qemu(name: str, pid: int) -> None:
+    """Refuse a pid that is not a running QEMU process."""
+    if not proc.alive(pid):
+        raise VMGone(name, f"process {pid} does not exist")
+    exe = proc.exe_name(pid)
+    argv0 = (proc.cmdline(pid) or [""])[0]
+    if not (exe.startswith("qemu") or argv0.rsplit("/", 1)[-1].startswith("qemu")):
+        raise VMError(name, f"process {pid} is not QEMU (it runs {exe or argv0 or 'nothing known'!r})")
+
+
+@asynccontextmanager
+async def open_targets(names: Sequence[str]) -> AsyncIterator[list[Target]]:
+    """Targets for VM names or QMP sockets (all known VMs if none are named)."""
+    pairs = [launcher.socket_of(n) for n in names] if names else launcher.known_vms()
+    out = []
+    for name, sock in pairs:
+        async with VM(name, sock) as vm:
+            out.append(Target.from_info(vm.info))
+    yield out
+
+
+@dataclass
+class Scanner:
+    """Owns the open state files of a set of targets; scans them and builds the index."""
+
+    targets: list[Target]
+    replace_foreign: bool = False  # replace a bad state file instead of raising
+    scan_cpu_s: float = 0.0  # CPU hv spent scanning (this process), summed over scans
+    scan_wall_s: float = 0.0
+    _states: dict[str, st.PageState] = field(default_factory=dict)
+
+    def state(self, t: Target) -> st.PageState:
+        s = self._states.get(t.name)
+        if s is None:
+            s = st.open_or_create(t.identity(), replace_foreign=self.replace_foreign)
+            self._states[t.name] = s
+        return s
+
+    def scan_one(self, t: Target) -> native.ScanResult:
+        """Scan one VM and fold the result into its state file."""
+        check_qemu(t.name, t.pid)
+        s = self.state(t)
+        c0, w0 = time.process_time(), time.monotonic()
+        try:
+            res = native.scan(t.pid, [(r.hva, r.size) for r in t.ram])
+        except NativeError as exc:
+            # A process that dies under the scan shows as ESRCH, or as EINVAL/EIO from its
+            # half-torn-down /proc files: whatever the errno, a dead QEMU means VMGone.
+            if isinstance(exc, native.ProcessGone) or not proc.alive(t.pid):
+                raise VMGone(t.name, f"QEMU (pid {t.pid}) exited during the scan; "
+                             f"its page state in {s.path} is unchanged") from exc
+            raise
+        finally:
+            self.scan_cpu_s += time.process_time() - c0
+            self.scan_wall_s += time.monotonic() - w0
+        st.update(s, res, t.pid)
+        return res
+
+    def index(self) -> SharingIndex:
+        """The table from the current state files (no scan)."""
+        return build_index([VmPages(t.name, self.state(t).snapshot(), read_ksm_stat(t.pid))
+                            for t in self.targets])
+
+    def scan_all(self) -> SharingIndex:
+        for t in self.targets:
+            self.scan_one(t)
+        return self.index()
+
+    def close(self) -> None:
+        for s in self._states.values():
+            s.close()
+        self._states.clear()

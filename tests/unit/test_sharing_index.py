@@ -1,0 +1,153 @@
+"""The sharing index and the page-state files, on synthetic arrays (no guests)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hv.errors import StateFileError
+from hv.host.native import PageFlags, ScanResult
+from hv.sharing import state as st
+from hv.sharing.index import VmPages, build_index
+from hv.sharing.state import ZERO_HASH, Identity, Snapshot
+
+P = int(PageFlags.PRESENT)
+R = int(PageFlags.PRESENT | PageFlags.READ)
+K = int(PageFlags.PRESENT | PageFlags.KSM)
+Z = int(PageFlags.PRESENT | PageFlags.READ | PageFlags.ZERO)
+ZP = int(PageFlags.PRESENT | PageFlags.ZERO_PAGE | PageFlags.ZERO)
+
+
+def snap(name: str, hashes: list[int], flags: list[int], stable: list[int],
+         pfns: list[int] | None = None) -> VmPages:
+    n = len(hashes)
+    ident = Identity(name, f"/x/{name}.sock", "pc.ram", n * 4096, n)
+    return VmPages(name, Snapshot(ident, np.array(hashes, dtype=np.uint64),
+                                  np.array(pfns or [0] * n, dtype=np.uint64),
+                                  np.array(flags, dtype=np.uint16),
+                                  np.array(stable, dtype=np.uint16), 2, 1, 0.0))
+
+
+def test_inter_and_intra_vm_duplicates_and_fair_savings() -> None:
+    # a: pages 11, 11 (intra), 22, 33 (hint); b: 22, 44 (hint), not present
+    a = snap("a", [11, 11, 22, 33], [R, R, R, R], [1, 1, 1, 1])
+    b = snap("b", [22, 44, 0], [R, R, 0], [1, 1, 0])
+    idx = build_index([a, b])
+    va, vb = idx.vms
+    assert (va.present, va.stable_dups, va.inter_vm_dups, va.hints) == (4, 3, 1, 1)
+    assert (vb.present, vb.stable_dups, vb.inter_vm_dups, vb.hints) == (2, 1, 1, 1)
+    assert idx.groups == 2 and idx.inter_vm_groups == 1
+    assert idx.potential_savings_pages == 2  # one per group of two
+    assert va.potential_savings_pages == pytest.approx(1.5)  # 0.5 + 0.5 + 0.5
+    assert vb.potential_savings_pages == pytest.approx(0.5)
+    assert idx.realized_savings_pages == 0 and idx.backlog_pages == 2
+
+
+def test_volatile_pages_are_not_candidates() -> None:
+    # equal hashes, but one of them changed since the last scan (stable 0)
+    a = snap("a", [5, 5, 5], [R, R, R], [1, 0, 3])
+    idx = build_index([a])
+    (va,) = idx.vms
+    assert (va.stable_dups, va.volatile, va.hints) == (2, 1, 0)
+    assert idx.potential_savings_pages == 1
+
+
+def test_zero_pages_all_count_and_zero_page_mappings_are_realized() -> None:
+    a = snap("a", [ZERO_HASH, ZERO_HASH, 0, 9], [Z, Z, ZP, R], [0, 1, 0, 1])
+    idx = build_index([a])
+    (va,) = idx.vms
+    assert (va.zero, va.zero_page, va.stable_dups, va.hints) == (3, 1, 0, 1)
+    assert idx.potential_savings_pages == 3
+    assert idx.realized_savings_pages == 1
+
+
+def test_ksm_pages_group_by_frame_without_their_hash() -> None:
+    # KSM frame 100 mapped by a:0, a:1 and b:0 (hashes unknown: never read);
+    # frame 200 mapped by b:1 and a:2, whose hash 77 hv saw before the merge, so the
+    # unmerged b:2 with hash 77 joins that group.
+    a = snap("a", [0, 0, 77], [K, K, K], [0, 0, 0], [100, 100, 200])
+    b = snap("b", [0, 0, 77], [K, K, R], [0, 0, 2], [100, 200, 300])
+    idx = build_index([a, b])
+    va, vb = idx.vms
+    assert va.ksm_pages == 3 and vb.ksm_pages == 2
+    assert va.stable_dups == 3 and vb.stable_dups == 3
+    assert idx.groups == 2 and idx.inter_vm_groups == 2
+    assert idx.realized_savings_pages == 3  # (3-1) + (2-1)
+    assert idx.potential_savings_pages == 4  # (3-1) + (3-1)
+    assert idx.backlog_pages == 1
+    assert va.realized_savings_pages + vb.realized_savings_pages == pytest.approx(3, abs=0.11)
+
+
+def test_empty_and_large_inputs() -> None:
+    assert build_index([]).vms == ()
+    rng = np.random.default_rng(1)
+    n = 200_000
+    h = rng.integers(1, 1000, n, dtype=np.uint64)
+    idx = build_index([snap("a", h.tolist(), [R] * n, [1] * n)])
+    assert idx.potential_savings_pages == n - np.unique(h).size
+
+
+# -- state files ---------------------------------------------------------------
+def ident(pages: int = 8, vm: str = "g1") -> Identity:
+    return Identity(vm, f"/run/hv/{vm}/qmp.sock", "pc.ram", pages * 4096, pages)
+
+
+def scan_result(hashes: list[int], flags: list[int], pfns: list[int] | None = None) -> ScanResult:
+    n = len(hashes)
+    return ScanResult(np.array(hashes, dtype=np.uint64), np.array(flags, dtype=np.uint16),
+                      np.array(pfns or [0] * n, dtype=np.uint64), n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def test_update_counts_stable_scans_and_resets_on_change(tmp_path: Path) -> None:
+    path = tmp_path / "g1.pages"
+    with st.create(path, ident(4)) as s:
+        st.update(s, scan_result([1, 2, 3, 0], [R, R, R, 0]), pid=10)
+        assert s.stable.tolist() == [0, 0, 0, 0]
+        st.update(s, scan_result([1, 2, 9, 0], [R, R, R, 0]), pid=10)
+        assert s.stable.tolist() == [1, 1, 0, 0]
+        # page 0 merged by KSM: not read, keeps its hash and stays stable
+        st.update(s, scan_result([0, 2, 9, 0], [K, R, R, 0], [50, 0, 0, 0]), pid=10)
+        assert s.stable.tolist() == [2, 2, 1, 0] and int(s.hashes[0]) == 1
+        assert s.scans == 3 and s.pid == 10 and s.seq % 2 == 0
+        # another QEMU (restarted VM): nothing carries over
+        st.update(s, scan_result([1, 2, 9, 0], [R, R, R, 0]), pid=11)
+        assert s.stable.tolist() == [0, 0, 0, 0]
+    # readable from a fresh open (another process would do the same)
+    with st.open_state(path, ident(4), writable=False) as again:
+        snap_ = again.snapshot()
+        assert snap_.hashes.tolist() == [1, 2, 9, 0] and snap_.scans == 4
+
+
+def test_truncated_foreign_and_garbage_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "g1.pages"
+    st.create(path, ident(8)).close()
+    other = tmp_path / "keep.pages"
+    st.create(other, ident(8, "g2")).close()
+    with pytest.raises(StateFileError, match="belongs to another VM.*vm 'g1'"):
+        st.open_state(path, ident(8, "g3"))
+    with pytest.raises(StateFileError, match="belongs to another VM.*ram_bytes"):
+        st.open_state(path, Identity("g1", "/run/hv/g1/qmp.sock", "pc.ram", 16 * 4096, 16))
+    size = path.stat().st_size
+    os.truncate(path, size - 3)
+    with pytest.raises(StateFileError, match="truncated"):
+        st.open_state(path, ident(8))
+    os.truncate(path, 100)
+    with pytest.raises(StateFileError, match="truncated"):
+        st.open_state(path, ident(8))
+    path.write_bytes(b"x" * size)
+    with pytest.raises(StateFileError, match="not an hv page-state file"):
+        st.open_state(path, ident(8))
+    os.truncate(path, 0)
+    with pytest.raises(StateFileError, match="empty"):
+        st.open_state(path, ident(8))
+    with pytest.raises(StateFileError, match="never scanned"):
+        st.open_state(tmp_path / "none.pages", ident(8))
+    # nothing else was lost, and a caller may replace the bad file on purpose
+    st.open_state(other, ident(8, "g2")).close()
+    with pytest.raises(StateFileError):
+        st.open_or_create(ident(8), path)
+    st.open_or_create(ident(8), path, replace_foreign=True).close()
+    st.open_state(path, ident(8)).close()
