@@ -67,6 +67,12 @@ class QMPSession:
             sock.connect(str(self.socket_path))
             sock.setblocking(False)
             self.pid = peer_pid(sock)
+        except BlockingIOError as exc:
+            # EAGAIN: the listen backlog is full. QEMU accepts one QMP client at a
+            # time; the others wait in the backlog until it lets go.
+            sock.close()
+            raise QMPBusy(self.name, f"QMP at {self.socket_path} is busy (another client "
+                          "holds it and others are queued)") from exc
         except ConnectionRefusedError as exc:
             sock.close()
             raise VMGone(self.name, f"QMP socket {self.socket_path} refuses connections "
