@@ -12,7 +12,7 @@ Example, with every default spelled out::
     poll_interval_s = 1      # how often free memory is read and targets recomputed
 
     [vm.web]
-    socket = "/run/web/qmp.sock"   # attach to this running QEMU; omit to have hv launch it
+    socket = "/run/web/qmp.sock"   # attach to this running QEMU; omit for the guest hv launched as "web"
     min = "128M"                   # guaranteed memory (required)
     max = "512M"                   # configured guest memory; with a socket, default: the VM's size
     shares = 1000                  # relative importance
