@@ -29,7 +29,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -459,9 +459,14 @@ def _mib(pages: float) -> float:
     return pages * PAGE_SIZE / MiB
 
 
-def format_result(result: BenchResult) -> str:
-    from hv.cli import table
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """Plain aligned columns (as the CLI's; kept here so the library needs no CLI import)."""
+    cells = [list(map(str, header))] + [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
+
+def format_result(result: BenchResult) -> str:
     rows = []
     for r in result.runs:
         rows.append([
@@ -517,8 +522,8 @@ def save_plot(result: BenchResult) -> None:
     c = ax[1][0]
     for p in policies:
         prl = [r for r in runs if r.policy == p]
-        c.plot([r.n for r in prl], [r.t_converge_s if r.converged else math.nan for r in prl],
-               "o-", label=p)
+        (line,) = c.plot([r.n for r in prl],
+                         [r.t_converge_s if r.converged else math.nan for r in prl], "o-", label=p)
         for r in prl:
             if r.disturbed:
                 c.annotate("disturbed", (r.n, r.t_converge_s if r.converged else r.elapsed_s),
@@ -526,7 +531,7 @@ def save_plot(result: BenchResult) -> None:
         late = [r for r in prl if not r.converged]
         if late:
             c.scatter([r.n for r in late], [r.elapsed_s for r in late], marker="^",
-                      label=f"{p}: did not converge (timeout)")
+                      color=line.get_color(), label=f"{p}: did not converge (timeout)")
     c.set(xlabel="number of VMs", ylabel="seconds to 90% of potential",
           title="Time to converge (\"disturbed\": another process changed KSM)")
     c.legend(fontsize=8)

@@ -26,7 +26,7 @@ def _pages(n: float) -> str:
 
 def format_index(index: SharingIndex) -> str:
     """The table of ``hv share``: counts in pages, savings as sizes."""
-    from hv.cli import table
+    from hv.sharing.bench import table
 
     header = ["VM", "SCANNED", "PRESENT", "ZERO", "STABLE-DUPS", "INTER-VM", "HINTS", "VOLATILE",
               "KSM-MERGED", "POTENTIAL", "REALIZED"]
