@@ -72,10 +72,14 @@ from hv.policy import (
     compute_targets,
     load_config,
     overhead_bytes,
+    share_before_swap,
     should_pause,
 )
 from hv.qemu import launch
 from hv.qemu.vm import HEADROOM_BYTES, VM, GuestStats, balloon_floor
+from hv.sharing.governor import Governor
+from hv.sharing.index import SharingIndex
+from hv.sharing.scan import Scanner, Target
 from hv.sampler import SampleResult, Sampler, SamplerUnavailable, check_can_sample, sampleable_addresses
 from hv.units import MiB, PAGE_SIZE, format_size
 
@@ -94,9 +98,6 @@ SWAP_SLACK_BYTES = 4 * MiB
 # (hundreds of MiB/s), so a 1 s tick stays a 1 s tick.
 SWAP_MAX_PAGES_PER_TICK = 64 * MiB // PAGE_SIZE
 
-# KSM's rate while sharing before swap: 5,000 pages per 10 ms converged on four
-# Debian guests in under 10 s here, at ~17 % of a core (see design notes).
-KSM_FAST = {"run": 1, "pages_to_scan": 5000, "sleep_millisecs": 10}
 
 # One QMP round trip to a live QEMU takes milliseconds; one that takes 10 s is a
 # VM in trouble, whose tick is skipped rather than the whole loop stalled.
@@ -248,6 +249,13 @@ class Daemon:
         self.guard = GuardFile(self.dir / "guard.json", hv_pid=os.getpid())
         self.ksm: Ksm | None = None
         self.ksm_error: str | None = None
+        # Content-based sharing: hv's scan and the KSM governor own KSM while hv runs.
+        self.governor: Governor | None = None
+        self.scanner: Scanner | None = None
+        self.index: SharingIndex | None = None
+        self.share_now = asyncio.Event()
+        self.share_task: asyncio.Task[None] | None = None
+        self.swap_deferred_since: float | None = None
         self.sampling = False
         self.config: Config | None = None
         self.tracker: StateTracker | None = None
@@ -393,6 +401,8 @@ class Daemon:
             if self.sampling and not self.options.once:
                 for m in self.vms:
                     m.sampler_task = asyncio.create_task(self._sample_loop(m))
+            if self.config.host.share_interval_s > 0 and not self.options.once:
+                await self._start_sharing()
             while True:
                 await self.tick()
                 if self.options.once or not self.vms:
@@ -459,10 +469,9 @@ class Daemon:
         for m in live:
             m.target_bytes = targets[m.name]
 
-        actions = actions_for(state)
-        await self._ksm_control(actions.swap)
+        defer_swap = self._sharing_advice(state, free)
         for m in live:
-            await self._act(m, state)
+            await self._act(m, state, defer_swap)
         for m in live:
             assert m.reading is not None
             est = m.estimator
@@ -543,26 +552,86 @@ class Daemon:
         self.vms.remove(m)
         await m.vm.detach()
 
-    async def _ksm_control(self, swapping: bool) -> None:
-        """Share before swap: raise KSM's rate on entering a swapping state, restore after."""
+    async def _start_sharing(self) -> None:
+        """Turn KSM on under the governor (its settings saved first, undone on stop)."""
         assert self.log is not None
-        if swapping and not self.guard.ksm_raised:
-            try:
-                if self.ksm is None:
-                    self.ksm = Ksm()
-                self.guard.ksm_raised = True
-                self.guard.save()  # record before changing, so the guardian undoes it
-                saved = await asyncio.to_thread(self.ksm.save)
-                await asyncio.to_thread(self.ksm.set, **KSM_FAST)
-                self.log.write("ksm_raised", **KSM_FAST, saved=saved)
-            except HvError as exc:
-                if self.ksm_error is None:
-                    self.ksm_error = str(exc)
-                    self.log.write("ksm_unavailable", error=str(exc))
-        elif not swapping and self.guard.ksm_raised:
+        try:
+            self.ksm = Ksm()
+            self.guard.ksm_raised = True
+            self.guard.save()  # record before changing, so the guardian undoes it
+            saved = await asyncio.to_thread(self.ksm.save)
+            self.governor = Governor(self.ksm)
+            await asyncio.to_thread(self.governor.start)
+        except HvError as exc:
+            self.ksm_error = str(exc)
+            self.log.write("ksm_unavailable", error=str(exc))
+            self.notify(f"warning: page sharing off: {exc}")
             await self._ksm_restore()
+            self.governor = None
+            return
+        self.log.write("ksm_raised", saved=saved, now=await asyncio.to_thread(self.ksm.tunables))
+        self.scanner = Scanner([], replace_foreign=True)
+        self.share_task = asyncio.create_task(self._share_loop())
+
+    async def _share_loop(self) -> None:
+        """Scan every VM, rebuild the sharing table, let the governor set KSM's rate."""
+        assert self.config is not None and self.log is not None
+        assert self.scanner is not None and self.governor is not None
+        interval = self.config.host.share_interval_s
+        failing: str | None = None
+        while True:
+            self.scanner.targets = [Target.from_info(m.vm.info) for m in self.vms
+                                    if m.failing is None]
+            try:
+                self.index = await asyncio.to_thread(self.scanner.scan_all)
+                decision = await asyncio.to_thread(self.governor.step, self.index)
+                failing = None
+                self.log.write(
+                    "share", mode=decision.mode.value, reason=decision.reason,
+                    pages_to_scan=decision.setting.pages_to_scan,
+                    sleep_millisecs=decision.setting.sleep_millisecs,
+                    potential_pages=self.index.potential_savings_pages,
+                    realized_pages=self.index.realized_savings_pages,
+                    backlog_pages=self.index.backlog_pages,
+                    scan_cpu_s=round(self.scanner.scan_cpu_s, 3))
+            except HvError as exc:  # a VM went away mid-scan: the tick drops it
+                if failing != str(exc):
+                    self.log.write("share_failed", error=str(exc))
+                failing = str(exc)
+            self.share_now.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.share_now.wait(), interval)
+
+    def _sharing_advice(self, state: MemState, free: int) -> bool:
+        """Share before swap: push KSM now; True if swapping should wait for it."""
+        assert self.tracker is not None and self.log is not None
+        if self.governor is None or self.index is None:
+            return False
+        now = time.monotonic()
+        deferred_for = now - self.swap_deferred_since if self.swap_deferred_since else 0.0
+        advice = share_before_swap(state, self.index.backlog_pages,
+                                   self.tracker.shortfall_bytes(free) // PAGE_SIZE, deferred_for)
+        if advice.raise_ksm_rate and not self.share_now.is_set():
+            self.share_now.set()  # rescan now: the governor raises the rate from the backlog
+        if advice.defer_swap:
+            if self.swap_deferred_since is None:
+                self.swap_deferred_since = now
+                self.log.write("swap_deferred", backlog_pages=self.index.backlog_pages,
+                               state=str(state))
+            return True
+        if self.swap_deferred_since is not None and state < MemState.HARD:
+            self.swap_deferred_since = None
+        return False
 
     async def _ksm_restore(self) -> None:
+        if self.share_task is not None:
+            self.share_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.share_task
+            self.share_task = None
+        if self.scanner is not None:
+            self.scanner.close()
+            self.scanner = None
         if not self.guard.ksm_raised:
             return
         try:
@@ -576,7 +645,7 @@ class Daemon:
         self.guard.ksm_raised = False
         self.guard.save()
 
-    async def _act(self, m: ManagedVM, state: MemState) -> None:
+    async def _act(self, m: ManagedVM, state: MemState, defer_swap: bool = False) -> None:
         """Balloon, swap and pause one VM according to the state."""
         assert self.log is not None and m.reading is not None and m.target_bytes is not None
         actions = actions_for(state)
@@ -591,7 +660,7 @@ class Daemon:
                 m.balloon_asked = goal
                 self.log.write("balloon", vm=m.name, goal_bytes=goal, target_bytes=target,
                                actual_bytes=r.balloon_bytes, state=str(state))
-            if actions.swap:
+            if actions.swap and not defer_swap:
                 n = swap_pages_for(r.resident_bytes, target)
                 if n:
                     asked, out = await asyncio.to_thread(self._page_out, m, n)
