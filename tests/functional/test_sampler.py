@@ -50,6 +50,7 @@ def test_sampler_tracks_working_set(guests, host_swap, state_dir, tmp_path):  # 
     guests.wait_event(toucher, "toucher_filled", timeout_s=60)
     config = write_config(tmp_path / "hv.toml", {
         "sample_pages": SAMPLE_PAGES, "sample_period_s": PERIOD_S, "poll_interval_s": 1,
+        "share_interval_s": 0,  # sharing off: this test measures the sampler alone
     }, {
         "idle1": {"socket": idle["socket"], "min": "128M"},
         "touch1": {"socket": toucher["socket"], "min": "128M"},
@@ -94,5 +95,5 @@ def test_sampler_tracks_working_set(guests, host_swap, state_dir, tmp_path):  # 
         assert not hv.events("swap") and not hv.events("pause")
     finally:
         assert hv.stop() == 0, hv.stderr()
-    assert not hv.events("ksm_raised")  # state high: KSM left alone
+    assert not hv.events("ksm_raised")  # sharing off: KSM left alone
     assert (state_dir / "vms" / "touch1" / "estimator.json").exists()

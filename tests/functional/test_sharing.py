@@ -27,7 +27,7 @@ from hv.host.ksm import Ksm
 from hv.host.native import PageFlags
 from hv.qemu.vm import VM, RamRange
 from hv.sharing import state as st
-from hv.sharing.governor import Governor
+from hv.sharing.governor import Governor, Mode
 from hv.sharing.index import SharingIndex
 from hv.sharing.scan import Scanner, Target
 from hv.units import PAGE_SIZE
@@ -121,8 +121,11 @@ def test_identical_guests_share_and_ksm_realizes_the_estimate(
               f"{final.potential_savings_pages} pages; governor samples {len(gov.samples)}")
         for v in final.vms:
             assert v.ksm_merging_pages is not None and v.ksm_merging_pages >= HOG_PAGES * 0.9, v
-        # Once merged, the governor idles.
-        gov.step(scanner.scan_all())
+        # Once (nearly) everything is merged, the governor idles.
+        def idle() -> bool:
+            gov.step(scanner.scan_all())
+            return gov.mode is Mode.IDLE
+        wait_for(idle, 60, "the governor to idle once merged", interval_s=2.0)
         assert gov.applied is not None and gov.applied.pages_per_s <= 200
 
         # A scan leaves present and swapped pages and KSM's merges as they were: freeze the
