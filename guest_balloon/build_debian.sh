@@ -41,6 +41,11 @@ while (($#)); do
 	esac
 done
 [[ -n $kernel_root && -n $out ]] || usage
+if [[ -z $mirror ]]; then
+	# The Debian mirror this host's apt already uses for the suite's main component.
+	mirror=$(apt-cache policy 2>/dev/null | awk -v s=" $suite/main " 'index($0, s) {print $2; exit}')
+	[[ -n $mirror ]] || die "no apt source for $suite/main on this host: pass --mirror URL"
+fi
 ((EUID == 0)) || die "needs root (debootstrap, chroot)"
 command -v debootstrap >/dev/null || die "debootstrap not installed (apt-get install debootstrap)"
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

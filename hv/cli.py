@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
-from hv import __version__
+from hv import __version__, paths
 from hv.errors import HvError, QMPBusy, UsageError
 from hv.qemu import accel as accel_mod
 from hv.qemu import launch as launcher
@@ -185,12 +185,15 @@ async def cmd_launch(args: argparse.Namespace) -> int:
     if verdict.accel != "kvm":
         print(f"hv: notice: {verdict.reason}", file=sys.stderr)
     params = _params(args.param)
+    initrd = disk = None
+    if args.image == "debian":
+        initrd, disk = (str(p) for p in paths.debian_image())
     rows = []
     for i in range(1, args.count + 1):
         spec = launcher.GuestSpec(
             name=f"{args.prefix}{i}", mem_bytes=mem, workload=args.workload, params=params,
             accel=verdict.accel, deflate_on_oom=args.deflate_on_oom,
-            free_page_reporting=args.free_page_reporting)
+            free_page_reporting=args.free_page_reporting, initrd=initrd, disk=disk)
         vm = await launcher.launch(spec)
         rows.append([spec.name, vm.info.pid, vm.info.accel, format_size(mem), spec.workload,
                      vm.socket_path, launcher.console_log(spec.name)])
@@ -270,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-p", "--prefix", default="g")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="workload parameter passed as hv.KEY=VALUE on the kernel command line")
+    s.add_argument("--image", choices=("initramfs", "debian"), default="initramfs",
+                   help="the hv initramfs (default), or the Debian root file system built by "
+                   "scripts/setup.sh --with-debian, booted to multi-user from a virtio disk")
     s.add_argument("--deflate-on-oom", action="store_true")
     s.add_argument("--free-page-reporting", action="store_true")
     s.set_defaults(func=cmd_launch)

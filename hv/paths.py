@@ -48,3 +48,13 @@ def guest_initrd() -> Path:
     if not path.exists():
         raise HostError(f"no guest image at {path}: run scripts/setup.sh")
     return path
+
+
+def debian_image() -> tuple[Path, Path]:
+    """(initramfs, root file system) of the Debian guest built by ``build_debian.sh``."""
+    where = cache_dir() / "debian"
+    initrd, disk = where / "debian-initrd.cpio.gz", where / "debian.ext4"
+    for f in (initrd, disk):
+        if not f.exists():
+            raise HostError(f"no Debian guest image at {f}: run scripts/setup.sh --with-debian")
+    return initrd, disk

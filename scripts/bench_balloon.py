@@ -19,7 +19,6 @@ import time
 
 from hv.errors import HvError
 from hv.qemu import accel, launch
-from hv.qemu.vm import VM
 from hv.units import MiB
 
 

@@ -6,7 +6,18 @@
 #   - the guest kernel from Debian's linux-image-cloud-amd64, extracted into the cache
 #     (never installed on the host): $HV_CACHE_DIR/kernel/current
 #   - the guest image: $HV_CACHE_DIR/guest/initramfs.cpio.gz
+#   - with --with-debian, also a Debian guest (debootstrap minbase + systemd, booted from
+#     a virtio disk): $HV_CACHE_DIR/debian/{debian.ext4,debian-initrd.cpio.gz}
 set -euo pipefail
+
+with_debian=0
+for arg in "$@"; do
+    case "$arg" in
+        --with-debian) with_debian=1 ;;
+        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "setup: error: unknown option $arg (see --help)" >&2; exit 2 ;;
+    esac
+done
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${HV_CACHE_DIR:-/var/cache/hv}
@@ -19,6 +30,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # 1. Debian packages ----------------------------------------------------------------
 packages=(qemu-system-x86 qemu-utils busybox-static libxxhash-dev xxhash cpio kmod gcc make
           libc6-dev python3 python3-venv python3-dev zstd xz-utils util-linux procps)
+[ "$with_debian" = 1 ] && packages+=(debootstrap e2fsprogs)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -67,4 +79,17 @@ fi
 mkdir -p "$cache/guest"
 bash "$repo/guest_balloon/build.sh" --kernel-root "$cache/kernel/current" \
      --out "$cache/guest/initramfs.cpio.gz" >/dev/null
+
+# 5. The Debian guest (optional) ------------------------------------------------------
+if [ "$with_debian" = 1 ]; then
+    deb="$cache/debian"
+    if [ ! -f "$deb/debian.ext4" ] || [ ! -f "$deb/debian-initrd.cpio.gz" ] \
+       || [ -n "$(find "$repo/guest_balloon/build_debian.sh" "$repo/guest_balloon/init_debian" \
+                  -newer "$deb/debian.ext4" 2>/dev/null | head -1)" ]; then
+        say "building the Debian guest in $deb (debootstrap; a few minutes the first time)"
+        bash "$repo/guest_balloon/build_debian.sh" --kernel-root "$cache/kernel/current" \
+             --out-dir "$deb" >"$cache/debian-build.log" 2>&1 \
+            || { tail -20 "$cache/debian-build.log" >&2; die "building the Debian guest failed"; }
+    fi
+fi
 say "ready: $("$venv/bin/hv" --version); guest image $cache/guest/initramfs.cpio.gz"

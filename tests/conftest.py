@@ -16,9 +16,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from hv.host.ksm import Ksm
 
 REPO = Path(__file__).resolve().parent.parent
 HV = [sys.executable, "-m", "hv.cli"]
@@ -68,6 +71,27 @@ def kill_pid(pid: int, timeout_s: float = 5.0) -> None:
 
 
 @pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private HV_STATE_DIR for this test."""
+    d = tmp_path / "state"
+    d.mkdir()
+    monkeypatch.setenv("HV_STATE_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def ksm(state_dir: Path) -> Iterator["Ksm"]:
+    """KSM, with every tunable the test changes put back at teardown."""
+    from hv.host.ksm import Ksm
+    k = Ksm()
+    try:
+        yield k
+    finally:
+        k.restore()  # puts back what Ksm.set saved before the first change
+        assert not k.saved_file.exists()
+
+
+@pytest.fixture
 def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private HV_RUN_DIR for this test (the accelerator verdict is shared)."""
     d = tmp_path / "run"
@@ -99,6 +123,7 @@ class Guests:
         self.logs: list[Path] = []
 
     def launch(self, name: str, mem: str = "256M", workload: str = "idle",
+               initrd: str | None = None, disk: str | None = None,
                **params: object) -> dict[str, Any]:
         """Launch one guest; returns its info (pid, socket, console path)."""
         from hv.qemu import accel, launch
@@ -106,7 +131,7 @@ class Guests:
 
         spec = launch.GuestSpec(name=name, mem_bytes=parse_size(mem), workload=workload,
                                 params={k: str(v) for k, v in params.items()},
-                                accel=accel.choose().accel)
+                                accel=accel.choose().accel, initrd=initrd, disk=disk)
 
         async def go() -> dict[str, Any]:
             vm = await launch.launch(spec)

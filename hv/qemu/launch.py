@@ -44,6 +44,8 @@ class GuestSpec:
     accel: str = "tcg"
     deflate_on_oom: bool = False
     free_page_reporting: bool = False
+    initrd: str | None = None  # default: the hv guest image (paths.guest_initrd)
+    disk: str | None = None  # a root file system image, attached read-only (snapshot=on)
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -96,6 +98,7 @@ def command_line(spec: GuestSpec, where: Path, kernel: Path, initrd: Path) -> li
         "-object", f"memory-backend-ram,id=ram0,size={mem_mib}M,merge=on",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", " ".join(append),
         "-device", balloon,
+        *(["-drive", f"file={spec.disk},if=virtio,format=raw,snapshot=on"] if spec.disk else []),
         "-qmp", f"unix:{where / 'qmp.sock'},server=on,wait=off",
         "-serial", f"file:{where / 'console.log'}",
         "-display", "none", "-nodefaults", "-no-user-config", "-no-reboot",
@@ -116,7 +119,11 @@ async def launch(spec: GuestSpec) -> VM:
     os.chmod(where, 0o700)
     for stale in ("console.log", "qemu.pid"):
         (where / stale).unlink(missing_ok=True)
-    cmd = command_line(spec, where, paths.guest_kernel(), paths.guest_initrd())
+    initrd = Path(spec.initrd) if spec.initrd else paths.guest_initrd()
+    for image in (initrd, *([Path(spec.disk)] if spec.disk else [])):
+        if not image.exists():
+            raise UsageError(f"{spec.name}: no guest image at {image}")
+    cmd = command_line(spec, where, paths.guest_kernel(), initrd)
     (where / "meta.json").write_text(json.dumps({"spec": asdict(spec), "command": cmd}, indent=1))
     done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           preexec_fn=lambda: os.umask(0o077))

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -380,27 +379,19 @@ def _ready(name: str) -> bool:
 async def boot(names: list[str], cfg: BenchConfig) -> list[Target]:
     verdict = accel_mod.choose()
     targets = []
-    extra: list[str] = []
-    saved_initrd = os.environ.get("HV_GUEST_INITRD")
+    initrd = disk = None
     if cfg.image == "debian":
-        # The launcher takes its initramfs from HV_GUEST_INITRD; the disk is a snapshot
-        # (writes go to a temporary file), so every guest boots the same image.
-        os.environ["HV_GUEST_INITRD"] = str(cfg.debian_dir / "debian-initrd.cpio.gz")
-        extra = ["-drive", f"file={cfg.debian_dir / 'debian.ext4'},if=virtio,format=raw,snapshot=on"]
-    try:
-        for name in names:
-            spec = launcher.GuestSpec(name=name, mem_bytes=cfg.mem_bytes, workload=cfg.workload,
-                                      params=dict(cfg.params), accel=verdict.accel,
-                                      extra_args=list(extra))
-            vm = await launcher.launch(spec)
-            targets.append(Target.from_info(vm.info))
-            await vm.detach()
-    finally:
-        if cfg.image == "debian":
-            if saved_initrd is None:
-                os.environ.pop("HV_GUEST_INITRD", None)
-            else:
-                os.environ["HV_GUEST_INITRD"] = saved_initrd
+        # The disk is attached with snapshot=on (writes go to a temporary file), so
+        # every guest boots the same image.
+        initrd = str(cfg.debian_dir / "debian-initrd.cpio.gz")
+        disk = str(cfg.debian_dir / "debian.ext4")
+    for name in names:
+        spec = launcher.GuestSpec(name=name, mem_bytes=cfg.mem_bytes, workload=cfg.workload,
+                                  params=dict(cfg.params), accel=verdict.accel,
+                                  initrd=initrd, disk=disk)
+        vm = await launcher.launch(spec)
+        targets.append(Target.from_info(vm.info))
+        await vm.detach()
     deadline = time.monotonic() + BOOT_TIMEOUT_S
     while not all(_ready(n) for n in names):
         if time.monotonic() > deadline:

@@ -42,13 +42,6 @@ def host_swap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     yield from swap_fixture(tmp_path_factory)
 
 
-@pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "state"
-    monkeypatch.setenv("HV_STATE_DIR", str(d))
-    return d
-
-
 def ticks(hv: HvRun, vm: str) -> list[dict[str, Any]]:
     return hv.events("tick", vm=vm)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -30,13 +29,6 @@ TOLERANCE = 0.15     # the issue's bound, percentage points as a fraction
 @pytest.fixture(scope="module")
 def host_swap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     yield from swap_fixture(tmp_path_factory)
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "state"
-    monkeypatch.setenv("HV_STATE_DIR", str(d))
-    return d
 
 
 def expected(ws_mib: int, sampleable: int) -> float:

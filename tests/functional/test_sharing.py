@@ -14,7 +14,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,25 +41,6 @@ pytestmark = [
 HOG_MIB = 64
 HOG_PAGES = HOG_MIB * 256
 CONVERGE_TIMEOUT_S = 120  # hv's governor converges 2 guests in ~20 s here (TCG, 2 cores)
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "state"
-    d.mkdir()
-    monkeypatch.setenv("HV_STATE_DIR", str(d))
-    return d
-
-
-@pytest.fixture
-def ksm(state_dir: Path) -> Iterator[Ksm]:
-    """KSM, with every tunable this test changes put back at teardown."""
-    k = Ksm()
-    try:
-        yield k
-    finally:
-        k.restore()  # puts back what Ksm.set saved before the first change
-        assert not k.saved_file.exists()
 
 
 def boot(guests: Guests, names: list[str], **params: object) -> list[Target]:
