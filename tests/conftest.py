@@ -170,6 +170,13 @@ class Guests:
                     sys.stderr.write(f"\n--- console {log} (last 30 lines) ---\n" + "\n".join(tail) + "\n")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """hv's tests need root (pagemap frames, kpageflags, KSM, swap): say so once."""
+    if os.geteuid() != 0:
+        raise pytest.UsageError("hv's tests need root: pagemap frame numbers, kpageflags, "
+                                "KSM, swap and QEMU's guests")
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield

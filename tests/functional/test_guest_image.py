@@ -118,9 +118,9 @@ class Guest:
 def kernel_root() -> Path:
     root = Path(os.environ.get("HV_KERNEL_ROOT", DEFAULT_KERNEL_ROOT))
     if not list(root.glob("boot/vmlinuz-*")):
-        pytest.skip(f"no guest kernel: {root}/boot/vmlinuz-* missing (set HV_KERNEL_ROOT)")
+        pytest.fail(f"no guest kernel: {root}/boot/vmlinuz-* missing (set HV_KERNEL_ROOT)")
     if shutil.which(QEMU) is None:
-        pytest.skip(f"{QEMU} not installed")
+        pytest.fail(f"{QEMU} not installed: run scripts/setup.sh")
     return root
 
 

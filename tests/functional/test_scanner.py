@@ -32,7 +32,6 @@ from hv.host.native import PageFlags
 from hv.units import MiB, PAGE_SIZE
 from tests.conftest import kill_pid, wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="pagemap frames and kpageflags need root")
 
 SEED = 7
 UNIQUE, DUP, ZERO_WRITTEN, ZERO_MAPPED, UNTOUCHED = 64, 32, 16, 16, 32
@@ -289,7 +288,7 @@ def test_pages_unmapped_during_the_scan_are_not_errors(victims: list[Victim]) ->
 def swap(tmp_path: Path) -> Iterator[Path]:
     """A 256 MiB swap file for the test; swapped off and removed at teardown."""
     if not shutil.which("mkswap") or not shutil.which("swapon"):
-        pytest.skip("mkswap/swapon not installed")
+        pytest.fail("mkswap/swapon not installed: run scripts/setup.sh")
     path = Path("/var/tmp") / f"hvtest-{os.getpid()}-{tmp_path.name}.swap"
     subprocess.run(["fallocate", "-l", str(256 * MiB), str(path)], check=True)
     try:
@@ -340,7 +339,7 @@ KSM = Path("/sys/kernel/mm/ksm")
 def ksm_running() -> Iterator[None]:
     """KSM scanning fast for the test; the previous settings are restored."""
     if not (KSM / "run").exists():
-        pytest.skip("no KSM")
+        pytest.fail("no KSM in this kernel")
     names = ("run", "pages_to_scan", "sleep_millisecs")
     old = {n: (KSM / n).read_text().strip() for n in names}
     try:
@@ -429,7 +428,7 @@ class Qemu:
 @pytest.fixture
 def qemu(tmp_path: Path) -> Iterator[Qemu]:
     if not shutil.which("qemu-system-x86_64"):
-        pytest.skip("qemu-system-x86_64 not installed")
+        pytest.fail("qemu-system-x86_64 not installed: run scripts/setup.sh")
     q = Qemu(tmp_path)
     try:
         yield q

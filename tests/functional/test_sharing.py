@@ -32,11 +32,7 @@ from hv.sharing.scan import Scanner, Target
 from hv.units import PAGE_SIZE
 from tests.conftest import Guests, hv_cli, kill_pid, wait_for
 
-pytestmark = [
-    pytest.mark.guest,
-    pytest.mark.skipif(os.geteuid() != 0, reason="KSM, pagemap frames and kpageflags need root"),
-    pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/ksm"), reason="no KSM in this kernel"),
-]
+pytestmark = pytest.mark.guest
 
 HOG_MIB = 64
 HOG_PAGES = HOG_MIB * 256
