@@ -22,7 +22,7 @@ from hv.errors import HvError, QMPBusy, UsageError
 from hv.qemu import accel as accel_mod
 from hv.qemu import launch as launcher
 from hv.qemu.vm import VM
-from hv.units import format_size, parse_size
+from hv.units import format_size, parse_size, table
 
 # Modules that add their own subcommands: each has ``register(subparsers) -> None`` and
 # sets ``func`` (an async handler taking the parsed arguments and returning the exit code).
@@ -42,13 +42,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}")
-
-
-def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    """Plain aligned columns."""
-    cells = [list(map(str, header))] + [[("-" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
 def _size(value: int | None) -> str | None:
@@ -188,13 +181,18 @@ async def cmd_launch(args: argparse.Namespace) -> int:
     initrd = disk = None
     if args.image == "debian":
         initrd, disk = (str(p) for p in paths.debian_image())
-    rows = []
+    rows: list[list[object]] = []
     for i in range(1, args.count + 1):
         spec = launcher.GuestSpec(
             name=f"{args.prefix}{i}", mem_bytes=mem, workload=args.workload, params=params,
             accel=verdict.accel, deflate_on_oom=args.deflate_on_oom,
             free_page_reporting=args.free_page_reporting, initrd=initrd, disk=disk)
-        vm = await launcher.launch(spec)
+        try:
+            vm = await launcher.launch(spec)
+        except HvError:
+            if rows:  # nothing is lost: say what is running before the error line
+                print(table(rows, ["VM", "PID", "ACCEL", "MEM", "WORKLOAD", "QMP", "CONSOLE"]))
+            raise
         rows.append([spec.name, vm.info.pid, vm.info.accel, format_size(mem), spec.workload,
                      vm.socket_path, launcher.console_log(spec.name)])
         await vm.detach()

@@ -76,7 +76,7 @@ from hv.policy import (
     should_pause,
 )
 from hv.qemu import launch
-from hv.qemu.vm import HEADROOM_BYTES, VM, GuestStats, balloon_floor
+from hv.qemu.vm import HEADROOM_BYTES, VM, GuestStats, VMState, balloon_floor
 from hv.sharing.governor import Governor
 from hv.sharing.index import SharingIndex
 from hv.sharing.scan import Scanner, Target
@@ -231,9 +231,10 @@ def running_status() -> dict[str, Any] | None:
     """The snapshot of a running ``hv run``, or None if no daemon is running."""
     try:
         snapshot: dict[str, Any] = json.loads(status_file().read_text())
-    except (OSError, ValueError):
-        return None
-    return snapshot if proc.alive(int(snapshot.get("pid", 0))) else None
+        alive = proc.alive(int(snapshot["pid"])) and isinstance(snapshot["vms"], dict)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none written yet, torn, or not ours
+    return snapshot if alive else None
 
 
 class Daemon:
@@ -256,6 +257,7 @@ class Daemon:
         self.share_now = asyncio.Event()
         self.share_task: asyncio.Task[None] | None = None
         self.swap_deferred_since: float | None = None
+        self._bad_force_text = ""
         self.sampling = False
         self.config: Config | None = None
         self.tracker: StateTracker | None = None
@@ -422,10 +424,16 @@ class Daemon:
         if path is not None:
             try:
                 text = path.read_text().strip()
-            except FileNotFoundError:
+            except OSError:
                 text = ""
             if text:
-                return parse_state(text)
+                try:
+                    return parse_state(text)
+                except UsageError as exc:  # a typo in the file must not stop the daemon
+                    if self.log is not None and text != self._bad_force_text:
+                        self.log.write("force_state_ignored", error=str(exc))
+                        self.notify(f"warning: {exc}; ignored")
+                    self._bad_force_text = text
         return self.options.force_state
 
     async def tick(self) -> None:
@@ -471,7 +479,13 @@ class Daemon:
 
         defer_swap = self._sharing_advice(state, free)
         for m in live:
-            await self._act(m, state, defer_swap)
+            try:
+                await self._act(m, state, defer_swap)
+            except VMGone as exc:  # it died between collecting and acting: forget it
+                self.log.write("vm_gone", vm=m.name, error=str(exc))
+                self.notify(f"{m.name}: gone ({exc}); no longer managed")
+                await self._drop(m)
+        live = [m for m in live if m in self.vms]
         for m in live:
             assert m.reading is not None
             est = m.estimator
@@ -580,9 +594,9 @@ class Daemon:
         interval = self.config.host.share_interval_s
         failing: str | None = None
         while True:
-            self.scanner.targets = [Target.from_info(m.vm.info) for m in self.vms
-                                    if m.failing is None]
             try:
+                self.scanner.targets = [Target.from_info(m.vm.info) for m in self.vms
+                                        if m.failing is None and m.vm.state is VMState.ATTACHED]
                 self.index = await asyncio.to_thread(self.scanner.scan_all)
                 decision = await asyncio.to_thread(self.governor.step, self.index)
                 failing = None
@@ -594,9 +608,11 @@ class Daemon:
                     realized_pages=self.index.realized_savings_pages,
                     backlog_pages=self.index.backlog_pages,
                     scan_cpu_s=round(self.scanner.scan_cpu_s, 3))
-            except HvError as exc:  # a VM went away mid-scan: the tick drops it
+            except Exception as exc:  # noqa: BLE001 - one bad round must not end sharing
+                # Typically a VM that went away mid-scan (the tick drops it); anything
+                # else is logged too, and the next round tries again.
                 if failing != str(exc):
-                    self.log.write("share_failed", error=str(exc))
+                    self.log.write("share_failed", error=str(exc) or repr(exc))
                 failing = str(exc)
             self.share_now.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -666,7 +682,7 @@ class Daemon:
                     asked, out = await asyncio.to_thread(self._page_out, m, n)
                     self.log.write("swap", vm=m.name, pages=asked, invalidated=out,
                                    resident_bytes=r.resident_bytes, target_bytes=target)
-            pause = should_pause(state, r.resident_bytes, target)
+            pause = should_pause(state, r.resident_bytes, target, SWAP_SLACK_BYTES)
             if pause and not m.paused_by_hv:
                 self.guard.paused[m.name] = m.vm.socket_path
                 self.guard.save()  # record before pausing, so the guardian resumes it

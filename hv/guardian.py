@@ -74,14 +74,21 @@ def undo(path: Path) -> list[str]:
     """Resume the VMs and restore KSM as recorded in ``path``; remove it; say what was done."""
     guard = GuardFile.load(path)
     done: list[str] = []
-    for name, sock in guard.paused.items():
-        done.append(asyncio.run(_resume(name, sock)))
+    for name, sock in list(guard.paused.items()):
+        line = asyncio.run(_resume(name, sock))
+        done.append(line)
+        if line.endswith(": resumed"):
+            del guard.paused[name]
     if guard.ksm_raised:
         try:
             done.append("ksm: restored" if Ksm().restore() else "ksm: nothing to restore")
+            guard.ksm_raised = False
         except HvError as exc:
             done.append(f"ksm: cannot restore: {exc}")
-    path.unlink(missing_ok=True)
+    if guard.empty:
+        path.unlink(missing_ok=True)
+    else:  # what could not be undone stays recorded for the next hv
+        guard.save()
     return done
 
 

@@ -9,6 +9,7 @@ refused with a :class:`~hv.errors.UsageError`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from hv.errors import UsageError
 
@@ -47,6 +48,13 @@ def format_size(nbytes: int | float) -> str:
             value = n / unit
             return f"{sign}{value:.2f}{suffix}" if value < 10 else f"{sign}{value:.1f}{suffix}"
     return f"{sign}{int(n)}B"
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """Plain aligned columns, ``-`` for a missing value (every table hv prints)."""
+    cells = [list(map(str, header))] + [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
 def mib(nbytes: int | float) -> float:

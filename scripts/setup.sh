@@ -87,6 +87,8 @@ if [ "$with_debian" = 1 ]; then
        || [ -n "$(find "$repo/guest_balloon/build_debian.sh" "$repo/guest_balloon/init_debian" \
                   -newer "$deb/debian.ext4" 2>/dev/null | head -1)" ]; then
         say "building the Debian guest in $deb (debootstrap; a few minutes the first time)"
+        # build_debian.sh takes its mirror from apt's lists: make sure there are some.
+        apt-cache policy 2>/dev/null | grep -q ' bookworm/main ' || apt-get update -qq
         bash "$repo/guest_balloon/build_debian.sh" --kernel-root "$cache/kernel/current" \
              --out-dir "$deb" >"$cache/debian-build.log" 2>&1 \
             || { tail -20 "$cache/debian-build.log" >&2; die "building the Debian guest failed"; }

@@ -133,7 +133,11 @@ class Ksm:
         """Put back the tunables saved by :meth:`save`; True if there was anything to restore."""
         if not self.saved_file.exists():
             return False
-        saved = json.loads(self.saved_file.read_text())
+        try:
+            saved = json.loads(self.saved_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise HostError(f"cannot read KSM's saved settings {self.saved_file}: {exc}; "
+                            "check /sys/kernel/mm/ksm by hand, then remove the file") from exc
         self._write_in_order({n: v for n, v in saved.items() if n in TUNABLES and self.has(n)})
         self.saved_file.unlink()
         return True

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hv.errors import NativeError
+from hv.host import proc
 from hv.units import PAGE_SIZE
 
 try:
@@ -79,20 +80,12 @@ class ProcessGone(NativeError):
         super().__init__(f"{what}: process {pid}", errno.ESRCH)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
-
-
 def _check(what: str, pid: int, rc: int) -> int:
     """Turn a ``-errno`` return into an exception; pass other values through."""
     if rc >= 0:
         return rc
     err = -rc
-    if err in (errno.ESRCH, errno.ENOENT) or not _alive(pid):
+    if err in (errno.ESRCH, errno.ENOENT) or not proc.alive(pid):
         # A process torn down under the call shows as ESRCH, or as EINVAL/EIO from
         # its half-gone /proc files: whatever the errno, a dead process is "gone".
         raise ProcessGone(what, pid)

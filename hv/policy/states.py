@@ -181,14 +181,18 @@ def actions_for(state: MemState) -> Actions:
     )
 
 
-def should_pause(state: MemState, allocated_bytes: int, target_bytes: int) -> bool:
+def should_pause(state: MemState, allocated_bytes: int, target_bytes: int,
+                 slack_bytes: int = 0) -> bool:
     """Whether a VM must be paused now: in ``LOW``, while it is above its target.
 
     A paused VM is resumed as soon as the state is ``HARD`` or better, or once
     swapping has brought it down to its target (the paper blocks only the VMs
-    above target).
+    above target).  Within ``slack_bytes`` of target counts as at target: the same
+    slack the caller's swapping stops at, so a VM is never left paused just above
+    its target with nothing more to swap.
     """
-    return actions_for(state).pause_above_target and allocated_bytes > target_bytes
+    return (actions_for(state).pause_above_target
+            and allocated_bytes > target_bytes + slack_bytes)
 
 
 # Below 10 MiB of unrealized sharing, a faster KSM scan (measured here at ~17 % of a

@@ -28,20 +28,20 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hv import paths
-from hv.errors import HvError, UsageError
+from hv.errors import HostError, HvError, UsageError
 from hv.host.ksm import Ksm
 from hv.qemu import accel as accel_mod
 from hv.qemu import launch as launcher
 from hv.sharing.governor import Governor, Mode
 from hv.sharing.index import SharingIndex
 from hv.sharing.scan import Scanner, Target
-from hv.units import MiB, PAGE_SIZE, format_size, parse_size
+from hv.units import MiB, PAGE_SIZE, format_size, parse_size, table
 
 __all__ = ["BenchConfig", "RunResult", "BenchResult", "add_arguments", "run", "format_result"]
 
@@ -402,6 +402,10 @@ async def boot(names: list[str], cfg: BenchConfig) -> list[Target]:
 
 
 async def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
+    from hv.daemon import running_status  # KSM has one owner at a time
+    if (snapshot := running_status()) is not None:
+        raise HostError(f"`hv run` (pid {snapshot['pid']}) governs KSM on this host: "
+                        "stop it before benchmarking KSM policies")
     ksm = Ksm()
     has_advisor = ksm.has("advisor_mode")
     policies = [p for p in cfg.policies if p != "advisor" or has_advisor]
@@ -448,13 +452,6 @@ async def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None
 # -- output --------------------------------------------------------------------------
 def _mib(pages: float) -> float:
     return pages * PAGE_SIZE / MiB
-
-
-def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    """Plain aligned columns (as the CLI's; kept here so the library needs no CLI import)."""
-    cells = [list(map(str, header))] + [[("-" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
 def format_result(result: BenchResult) -> str:

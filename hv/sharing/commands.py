@@ -15,7 +15,7 @@ from hv.errors import HvError, UsageError
 from hv.sharing import state as st
 from hv.sharing.index import SharingIndex, VmPages, build_index, read_ksm_stat
 from hv.sharing.scan import Scanner, Target, open_targets
-from hv.units import PAGE_SIZE, format_size
+from hv.units import PAGE_SIZE, format_size, table
 
 __all__ = ["register", "cmd_share", "cmd_bench_sharing", "format_index"]
 
@@ -26,7 +26,6 @@ def _pages(n: float) -> str:
 
 def format_index(index: SharingIndex) -> str:
     """The table of ``hv share``: counts in pages, savings as sizes."""
-    from hv.sharing.bench import table
 
     header = ["VM", "SCANNED", "PRESENT", "ZERO", "STABLE-DUPS", "INTER-VM", "HINTS", "VOLATILE",
               "KSM-MERGED", "POTENTIAL", "REALIZED"]

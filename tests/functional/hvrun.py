@@ -6,6 +6,8 @@ Not a test module: imported by test_daemon*.py and test_sampler*.py.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import os
 import signal
 import subprocess
@@ -56,7 +58,8 @@ def swap_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     if free >= TEST_SWAP_BYTES * 3 // 4:
         yield
         return
-    d = tmp_path_factory.mktemp("swap")
+    # /var/tmp, not /tmp: swapon refuses files on tmpfs, which /tmp often is.
+    d = Path(tempfile.mkdtemp(prefix="hv-test-swap-", dir="/var/tmp"))
     env = {"HV_STATE_DIR": str(d / "state")}
     path = d / "swapfile"
     done = hv_cli("swap", "create", str(TEST_SWAP_BYTES), "--path", str(path), env=env)
@@ -67,6 +70,7 @@ def swap_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         done = hv_cli("swap", "remove", "--path", str(path), env=env, timeout_s=300)
         assert done.returncode == 0, done.stderr
         assert not path.exists()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def write_config(path: Path, host: dict[str, Any], vms: dict[str, dict[str, Any]]) -> Path:

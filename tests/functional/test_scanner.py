@@ -298,9 +298,11 @@ def swap(tmp_path: Path) -> Iterator[Path]:
         try:
             yield path
         finally:
-            subprocess.run(["swapoff", str(path)], check=False, capture_output=True)
+            subprocess.run(["swapoff", str(path)], check=True, capture_output=True)
     finally:
         path.unlink(missing_ok=True)
+    with open("/proc/swaps") as f:
+        assert str(path) not in f.read(), "the test's swap file is still active"
 
 
 def test_pageout_makes_pages_not_present(victim: Victim, swap: Path) -> None:

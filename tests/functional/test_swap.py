@@ -20,7 +20,7 @@ def active_paths() -> set[str]:
 
 
 def test_swap_create_status_remove(tmp_path: Path, state_env: dict[str, str]) -> None:
-    path = tmp_path / "hv.swap"
+    path = Path("/var/tmp") / f"hv-test-{tmp_path.name}.swap"  # swapon refuses tmpfs files
     try:
         done = hv_cli("swap", "create", "64M", "--path", str(path), env=state_env)
         assert done.returncode == 0, done.stderr

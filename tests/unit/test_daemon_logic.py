@@ -120,3 +120,38 @@ def test_guard_file_round_trip(tmp_path: Path) -> None:
     back = GuardFile.load(g.path)
     assert (back.hv_pid, back.paused, back.ksm_raised) == (42, {"vm1": "/run/hv/vm1/qmp.sock"}, True)
     assert GuardFile.load(tmp_path / "none.json").empty
+
+
+def test_guardian_keeps_what_it_could_not_undo(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A VM the guardian cannot resume stays recorded for the next hv."""
+    from hv.guardian import GuardFile, undo
+    path = tmp_path / "guard.json"
+    guard = GuardFile(path, hv_pid=1)
+    guard.paused["ghost"] = str(tmp_path / "no-such.sock")
+    guard.save()
+    lines = undo(path)
+    assert any("ghost: cannot resume" in line for line in lines)
+    assert path.exists() and "ghost" in GuardFile.load(path).paused
+
+
+def test_running_status_ignores_torn_or_foreign_snapshots(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+    from hv.daemon import running_status, status_file
+    monkeypatch.setenv("HV_STATE_DIR", str(tmp_path))
+    status_file().parent.mkdir(parents=True)
+    for text in ("{", "[]", '{"vms": {}}', '{"pid": "x", "vms": {}}'):
+        status_file().write_text(text)
+        assert running_status() is None
+    status_file().write_text('{"pid": %d, "vms": {}}' % os.getpid())
+    assert running_status() is not None
+
+
+def test_ksm_restore_of_a_torn_record_is_one_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+    from hv.errors import HostError
+    from hv.host.ksm import Ksm
+    from hv.host.sysfs import Sysfs
+    saved = tmp_path / "ksm-saved.json"
+    saved.write_text('{"run": ')
+    with pytest.raises(HostError, match="cannot read KSM's saved settings"):
+        Ksm(Sysfs(record_only=True), saved_file=saved).restore()

@@ -191,3 +191,12 @@ def test_low_state_never_waits_for_sharing() -> None:
 def test_share_before_swap_refuses_negative_input() -> None:
     with pytest.raises(ValueError):
         share_before_swap(MemState.HARD, -1, 0)
+
+
+def test_pause_uses_the_same_slack_as_swapping() -> None:
+    from hv.policy.states import MemState, should_pause
+    mib = 1 << 20
+    assert should_pause(MemState.LOW, 200 * mib, 100 * mib, 4 * mib)
+    assert not should_pause(MemState.LOW, 103 * mib, 100 * mib, 4 * mib)  # within slack
+    assert should_pause(MemState.LOW, 103 * mib, 100 * mib)  # no slack given
+    assert not should_pause(MemState.HARD, 200 * mib, 100 * mib, 4 * mib)

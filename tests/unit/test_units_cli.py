@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from hv import cli
+from hv import cli, units
 from hv.errors import UsageError
 from hv.qemu import accel, vm
 from hv.units import GiB, KiB, MiB, format_size, parse_size
@@ -33,7 +33,7 @@ def test_format_size() -> None:
 
 
 def test_table_aligns_and_marks_missing() -> None:
-    out = cli.table([["a", 1, None], ["bbb", 22, "x"]], ["VM", "N", "V"]).splitlines()
+    out = units.table([["a", 1, None], ["bbb", 22, "x"]], ["VM", "N", "V"]).splitlines()
     assert out[0].split() == ["VM", "N", "V"]
     assert out[1].split() == ["a", "1", "-"]
     assert len({line.index("N") if i == 0 else None for i, line in enumerate(out)} - {None}) == 1
