@@ -70,7 +70,7 @@ class BenchConfig:
     prefix: str = "shb"
     out_dir: Path = Path("bench-sharing")
     image: str = "initramfs"  # or "debian": guest_balloon/build_debian.sh's root FS on a virtio disk
-    debian_dir: Path = Path("/var/cache/hv/debian")
+    debian_dir: Path = field(default_factory=lambda: paths.cache_dir() / "debian")
     retries: int = 1  # runs again a run another process disturbed (changed KSM's tunables)
 
     @classmethod

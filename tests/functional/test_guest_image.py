@@ -1,7 +1,7 @@
 """The guest image: guest_balloon/build.sh output booted under QEMU TCG.
 
-Builds the initramfs from the kernel in $HV_KERNEL_ROOT (default
-/var/cache/hv/kernel/current), boots small guests with each workload, and checks
+Builds the initramfs from the kernel in $HV_KERNEL_ROOT (default: the cache
+scripts/setup.sh fills, see hv.paths), boots small guests with each workload, and checks
 the "hv-guest: key=value ..." lines they print on their serial console.  Every
 wait polls the console log against a deadline; every QEMU is killed at teardown.
 """
@@ -22,7 +22,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "guest_balloon" / "build.sh"
-DEFAULT_KERNEL_ROOT = "/var/cache/hv/kernel/current"
 QEMU = "qemu-system-x86_64"
 
 GUEST_MIB = 256
@@ -116,7 +115,8 @@ class Guest:
 
 @pytest.fixture(scope="session")
 def kernel_root() -> Path:
-    root = Path(os.environ.get("HV_KERNEL_ROOT", DEFAULT_KERNEL_ROOT))
+    from hv import paths
+    root = paths.kernel_root()  # HV_KERNEL_ROOT, else the cache scripts/setup.sh fills
     if not list(root.glob("boot/vmlinuz-*")):
         pytest.fail(f"no guest kernel: {root}/boot/vmlinuz-* missing (set HV_KERNEL_ROOT)")
     if shutil.which(QEMU) is None:
