@@ -54,28 +54,11 @@ version=${vmlinuz##*/vmlinuz-}
 moddir=$kernel_root/lib/modules/$version
 [[ -f $moddir/modules.dep ]] || die "no $moddir/modules.dep (run depmod -b $kernel_root $version)"
 
-# Append module NAME to `modules`, dependencies first, as a path relative to
-# $moddir.  modules.dep lists a module's dependencies so that the last is
-# loaded first.
-modules=()
-declare -A seen=()
-resolve() {
-	local name=$1 line path deps i
-	line=$(grep -E "^([^:]*/)?${name}\.ko(\.[a-z]+)?:" "$moddir/modules.dep" || true)
-	[[ -n $line ]] || die "module $name not in $moddir/modules.dep"
-	path=${line%%:*}
-	[[ -z ${seen[$path]:-} ]] || return 0
-	seen[$path]=1
-	read -r -a deps <<<"${line#*:}"
-	for ((i = ${#deps[@]} - 1; i >= 0; i--)); do
-		local dep=${deps[i]##*/}
-		resolve "${dep%%.ko*}"
-	done
-	modules+=("$path")
-}
+# shellcheck source=modules.sh
+source "$src/modules.sh"
 for m in "${WANTED_MODULES[@]}"; do resolve "$m"; done
 
-inputs=("$src/build.sh" "$src/init" "$src/common.h" "$src/common.c" "$busybox"
+inputs=("$src/build.sh" "$src/modules.sh" "$src/init" "$src/common.h" "$src/common.c" "$busybox"
 	"$moddir/modules.dep")
 for w in "${WORKLOADS[@]}"; do inputs+=("$src/$w.c"); done
 for m in "${modules[@]}"; do inputs+=("$moddir/$m"); done
@@ -92,23 +75,9 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,etc,lib/modules,dev,proc,sys,tmp}
 
-cp "$busybox" "$stage/bin/busybox"
-while read -r applet; do
-	[[ -e $stage/$applet || $applet == linuxrc ]] || ln -s /bin/busybox "$stage/$applet"
-done < <("$busybox" --list-full)
+stage_busybox "$busybox" "$stage"
 
-for m in "${modules[@]}"; do
-	name=${m##*/}
-	name=${name%%.ko*}
-	case "$m" in
-	*.ko) cp "$moddir/$m" "$stage/lib/modules/$name.ko" ;;
-	*.ko.xz) xz -dc "$moddir/$m" >"$stage/lib/modules/$name.ko" ;;
-	*.ko.zst) zstd -qdc "$moddir/$m" >"$stage/lib/modules/$name.ko" ;;
-	*.ko.gz) gzip -dc "$moddir/$m" >"$stage/lib/modules/$name.ko" ;;
-	*) die "unknown module format: $m" ;;
-	esac
-	echo "$name" >>"$stage/etc/hv-modules"
-done
+stage_modules "$stage"
 
 for w in "${WORKLOADS[@]}"; do
 	gcc -static -O2 -Wall -Wextra -s -o "$stage/bin/hv-$w" "$src/$w.c" "$src/common.c" ||

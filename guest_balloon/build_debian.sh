@@ -95,47 +95,15 @@ mkfs.ext4 -q -F -L hvroot -d "$rootfs" "$out/debian.ext4.tmp" "${size_mib}M"
 mv "$out/debian.ext4.tmp" "$out/debian.ext4"
 
 # The initramfs: busybox, modules in dependency order (as build.sh), init_debian.
-modules=()
-declare -A seen=()
-resolve() {
-	local name=$1 line path deps i
-	line=$(grep -E "^([^:]*/)?${name}\.ko(\.[a-z]+)?:" "$moddir/modules.dep" || true)
-	if [[ -z $line ]]; then
-		# built into the kernel (the cloud kernel has ext4 built in): nothing to load
-		grep -qE "(^|/)${name}\.ko$" "$moddir/modules.builtin" 2>/dev/null && return 0
-		die "module $name not in $moddir/modules.dep nor modules.builtin"
-	fi
-	path=${line%%:*}
-	[[ -z ${seen[$path]:-} ]] || return 0
-	seen[$path]=1
-	read -r -a deps <<<"${line#*:}"
-	for ((i = ${#deps[@]} - 1; i >= 0; i--)); do
-		local dep=${deps[i]##*/}
-		resolve "${dep%%.ko*}"
-	done
-	modules+=("$path")
-}
+# shellcheck source=modules.sh
+source "$src/modules.sh"
 for m in "${WANTED_MODULES[@]}"; do resolve "$m"; done
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage"/{bin,sbin,etc,lib/modules,dev,proc,sys,newroot}
-cp "$busybox" "$stage/bin/busybox"
-while read -r applet; do
-	[[ -e $stage/$applet || $applet == linuxrc ]] || ln -s /bin/busybox "$stage/$applet" 2>/dev/null || true
-done < <("$busybox" --list-full | grep -E '^s?bin/')
-for m in "${modules[@]}"; do
-	name=${m##*/}
-	name=${name%%.ko*}
-	case "$m" in
-	*.ko) cp "$moddir/$m" "$stage/lib/modules/$name.ko" ;;
-	*.ko.xz) xz -dc "$moddir/$m" >"$stage/lib/modules/$name.ko" ;;
-	*.ko.zst) zstd -qdc "$moddir/$m" >"$stage/lib/modules/$name.ko" ;;
-	*.ko.gz) gzip -dc "$moddir/$m" >"$stage/lib/modules/$name.ko" ;;
-	*) die "unknown module format: $m" ;;
-	esac
-	echo "$name" >>"$stage/etc/hv-modules"
-done
+mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,etc,lib/modules,dev,proc,sys,newroot}
+stage_busybox "$busybox" "$stage"
+stage_modules "$stage"
 install -m 0755 "$src/init_debian" "$stage/init"
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort |
 	cpio --quiet -o -H newc --owner=0:0) | gzip -6 >"$out/debian-initrd.cpio.gz.tmp"
