@@ -109,7 +109,7 @@ def _swap() -> Check:
         lines = f.read().splitlines()[1:]
     if not lines:
         return Check("swap", "warn", "no host swap: the working-set sampler and hypervisor swap "
-                     "need it (tests create a swap file and remove it)")
+                     "need it: `hv swap create 1G` makes one (`hv swap remove` removes it)")
     total = sum(int(line.split()[2]) for line in lines) * 1024
     used = sum(int(line.split()[3]) for line in lines) * 1024
     return Check("swap", "ok", f"{len(lines)} area(s), {format_size(total)} total, "
