@@ -23,6 +23,7 @@ whatever happens.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import json
@@ -174,7 +175,7 @@ def ksmtuned_sleep_ms() -> int:
     return max(10, int(10 * 16 * 1024 * 1024 / total_kib))
 
 
-class Policy:
+class Policy(abc.ABC):
     """Base: start KSM one way; ``tick`` is called after every scan."""
 
     name = "?"
@@ -183,8 +184,9 @@ class Policy:
         self.ksm = ksm
         self.expected: dict[str, str] = {}
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Set KSM up the way this policy runs it."""
 
     def remember(self) -> None:
         """Record KSM's tunables as this policy left them (to notice other writers)."""
