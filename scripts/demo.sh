@@ -15,7 +15,7 @@ hv="$repo/.venv/bin/hv"
 
 bash "$repo/scripts/setup.sh"
 export HV_RUN_DIR=${HV_RUN_DIR:-/run/hv/demo}
-work=$(mktemp -d /tmp/hv-demo.XXXXXX)
+work=$(mktemp -d --suffix=.hv-demo)
 made_swap=""
 cleanup() {
     [ -n "${hvpid:-}" ] && kill -INT "$hvpid" 2>/dev/null && wait "$hvpid" 2>/dev/null || true
