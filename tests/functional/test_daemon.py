@@ -100,7 +100,9 @@ def test_overcommit_balloon_swap_pause(guests, host_swap, state_dir, tmp_path): 
         assert shown.returncode == 0, shown.stderr
         rows = {r["vm"]: r for r in json.loads(shown.stdout)["vms"]}
         assert rows["act1"]["managed_by"]["hv_run_pid"] == hv.proc.pid
-        assert rows["act1"]["target_bytes"] is not None and rows["act1"]["balloon_bytes"] >= 240 * MiB
+        # The row is one of the daemon's ticks (the balloon keeps moving between ticks).
+        shown_tick = (rows["act1"]["target_bytes"], rows["act1"]["balloon_bytes"])
+        assert shown_tick in {(t["target_bytes"], t["balloon_bytes"]) for t in ticks(hv, "act1")}
         busy = hv_cli("balloon", "act1", "200M")
         assert busy.returncode != 0 and len(busy.stderr.strip().splitlines()) == 1
         assert f"`hv run` (pid {hv.proc.pid}) manages" in busy.stderr
