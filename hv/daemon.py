@@ -76,7 +76,7 @@ from hv.policy import (
     should_pause,
 )
 from hv.qemu import launch
-from hv.qemu.vm import HEADROOM_BYTES, VM, GuestStats, VMState, balloon_floor
+from hv.qemu.vm import VM, GuestStats, VMState, balloon_floor, guest_need_bytes
 from hv.sharing.governor import Governor
 from hv.sharing.index import SharingIndex
 from hv.sharing.scan import Scanner, Target
@@ -142,9 +142,9 @@ def balloon_goal(target_bytes: int, ram_bytes: int, stats: GuestStats, hidden_by
     guest's OOM killer pick its workload.
     """
     goal = max(target_bytes, balloon_floor(ram_bytes))
-    if stats.total_bytes is not None and stats.available_bytes is not None:
-        own_use = stats.total_bytes - stats.available_bytes
-        goal = max(goal, hidden_bytes + own_use + HEADROOM_BYTES)
+    need = guest_need_bytes(stats, hidden_bytes)
+    if need is not None:
+        goal = max(goal, need)
     return min(goal, ram_bytes)
 
 
@@ -519,9 +519,7 @@ class Daemon:
                 "guest": r.guest.as_dict() if r else None}
         snapshot = {"pid": os.getpid(), "time": time.time(), "state": str(state),
                     "free_bytes": free, "vms": vms}
-        tmp = status_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(snapshot))
-        tmp.replace(status_file())
+        paths.write_json_atomic(status_file(), snapshot)
 
     async def _collect(self, m: ManagedVM) -> bool | None:
         """Fill ``m.reading``; False if this tick is skipped, None if the VM is gone."""
@@ -747,11 +745,8 @@ class Daemon:
                            active=m.estimator.active_fraction)
 
     def _save_estimator(self, m: ManagedVM) -> None:
-        m.estimator_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = m.estimator_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"estimator": m.estimator.to_dict(), "pid": m.pid,
-                                   "measured_pages": m.measured_pages}))
-        tmp.replace(m.estimator_file)
+        paths.write_json_atomic(m.estimator_file, {"estimator": m.estimator.to_dict(),
+                                                   "pid": m.pid, "measured_pages": m.measured_pages})
 
     # -- stop ----------------------------------------------------------------------
     async def shutdown(self) -> None:

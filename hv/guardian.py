@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hv import paths
 from hv.errors import HvError
 from hv.host.ksm import Ksm
 from hv.qemu.vm import VM
@@ -47,11 +48,8 @@ class GuardFile:
                    bool(data.get("ksm_raised", False)))
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"hv_pid": self.hv_pid, "paused": self.paused,
-                                   "ksm_raised": self.ksm_raised}))
-        tmp.replace(self.path)
+        paths.write_json_atomic(self.path, {"hv_pid": self.hv_pid, "paused": self.paused,
+                                            "ksm_raised": self.ksm_raised})
 
     @property
     def empty(self) -> bool:

@@ -12,10 +12,19 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 from pathlib import Path
 
 from hv.errors import HostError
+
+
+def write_json_atomic(path: Path, data: object, indent: int | None = None) -> None:
+    """Write ``data`` as JSON so a reader (or a crash) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=indent))
+    tmp.replace(path)
 
 
 def run_dir() -> Path:

@@ -106,10 +106,7 @@ class Ksm:
             except ValueError:
                 pass  # a torn file from a crash: the current values are the best we have
         original = self.tunables()
-        self.saved_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.saved_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(original))
-        tmp.replace(self.saved_file)
+        paths.write_json_atomic(self.saved_file, original)
         return original
 
     def set(self, **values: object) -> None:

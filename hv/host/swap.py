@@ -74,11 +74,7 @@ def recorded() -> list[str]:
 
 
 def _write_record(files: list[str]) -> None:
-    rec = _record_file()
-    rec.parent.mkdir(parents=True, exist_ok=True)
-    tmp = rec.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"files": files}, indent=1))
-    tmp.replace(rec)
+    paths.write_json_atomic(_record_file(), {"files": files}, indent=1)
 
 
 def areas() -> list[SwapArea]:

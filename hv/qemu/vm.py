@@ -105,6 +105,20 @@ def balloon_floor(ram_bytes: int) -> int:
     return max(FLOOR_MIN_BYTES, int(ram_bytes * FLOOR_FRACTION))
 
 
+def guest_need_bytes(stats: GuestStats, hidden_bytes: int, in_balloon_bytes: int = 0) -> int | None:
+    """What a guest must keep: its own use + kernel-reserved memory + headroom.
+
+    Own use is ``total - available`` from its statistics, less ``in_balloon_bytes``
+    where deflate-on-oom leaves ballooned pages counted as used; ``hidden_bytes`` is
+    what the guest kernel reserved at boot, outside MemTotal.  None without statistics.
+    The one rule behind both ``hv balloon``'s check and ``hv run``'s balloon goals.
+    """
+    if stats.total_bytes is None or stats.available_bytes is None:
+        return None
+    own_use = stats.total_bytes - stats.available_bytes - in_balloon_bytes
+    return max(0, hidden_bytes) + own_use + HEADROOM_BYTES
+
+
 class VM:
     """A handle on one running QEMU, reached through its QMP socket."""
 
@@ -224,23 +238,20 @@ class VM:
         # the target could not be reached anyway; the floor above still applies.
         stats = await self.guest_stats(max_age_s=STATS_POLL_INTERVAL_S + 1)
         actual = await self.balloon_actual()
-        if stats.total_bytes is None or stats.available_bytes is None:
+        if stats.total_bytes is None:
             return
         # The guest's MemTotal leaves out what its kernel reserved at boot ("hidden").
         # Without deflate-on-oom, ballooned pages leave MemTotal too; with it they stay
         # in MemTotal and count as used.
         if self.info.deflate_on_oom:
-            hidden = ram - stats.total_bytes
-            own_use = stats.total_bytes - stats.available_bytes - (ram - actual)
+            need = guest_need_bytes(stats, ram - stats.total_bytes, ram - actual)
         else:
-            hidden = actual - stats.total_bytes
-            own_use = stats.total_bytes - stats.available_bytes
-        need = max(0, hidden) + own_use + HEADROOM_BYTES
-        if target_bytes < need:
+            need = guest_need_bytes(stats, actual - stats.total_bytes)
+        if need is not None and target_bytes < need:
             raise UsageError(
                 f"{self.name}: balloon target {format_size(target_bytes)} is below what the guest "
-                f"needs ({format_size(own_use)} in use + {format_size(max(0, hidden))} kernel-reserved "
-                f"+ {format_size(HEADROOM_BYTES)} headroom); use --force to balloon anyway")
+                f"needs ({format_size(need)}: in use + kernel-reserved + "
+                f"{format_size(HEADROOM_BYTES)} headroom); use --force to balloon anyway")
 
     async def set_balloon(self, target_bytes: int, *, force: bool = False) -> None:
         """Ask the guest to shrink or grow to ``target_bytes`` (checked first)."""
@@ -327,4 +338,5 @@ class VM:
         return total
 
 
-__all__ = ["VM", "VMInfo", "VMState", "RamRange", "GuestStats", "balloon_floor"]
+__all__ = ["VM", "VMInfo", "VMState", "RamRange", "GuestStats", "balloon_floor",
+           "guest_need_bytes"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
 from typing import Any
 
 from hv.errors import HvError, UsageError
@@ -50,21 +49,10 @@ def format_index(index: SharingIndex) -> str:
     return text
 
 
-def _needs_second_scan(scanner: Scanner, t: Target) -> bool:
-    s = scanner.state(t)
-    return s.scans == 0 or s.pid != t.pid
-
-
 def _share_scan(targets: list[Target], interval_s: float, replace_bad: bool) -> SharingIndex:
     scanner = Scanner(targets, replace_foreign=replace_bad)
     try:
-        again = [t for t in targets if _needs_second_scan(scanner, t)]
-        index = scanner.scan_all()
-        if again:
-            # Stability needs two looks at the same content: scan once more after a pause.
-            time.sleep(interval_s)
-            index = scanner.scan_all()
-        return index
+        return scanner.scan_stable(interval_s)
     finally:
         scanner.close()
 

@@ -114,6 +114,16 @@ class Scanner:
         return build_index([VmPages(t.name, self.state(t).snapshot(), read_ksm_stat(t.pid))
                             for t in self.targets])
 
+    def scan_stable(self, interval_s: float) -> SharingIndex:
+        """Scan; if a VM had no page state from its current QEMU yet, look again after
+        ``interval_s`` (stability needs two looks at the same content)."""
+        again = any(self.state(t).scans == 0 or self.state(t).pid != t.pid for t in self.targets)
+        index = self.scan_all()
+        if again:
+            time.sleep(interval_s)
+            index = self.scan_all()
+        return index
+
     def scan_all(self) -> SharingIndex:
         for t in self.targets:
             self.scan_one(t)

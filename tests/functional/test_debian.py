@@ -40,9 +40,7 @@ def test_debian_guests_balloon_and_share(guests: Guests, ksm: Ksm) -> None:
     targets = [Target(g["name"], g["socket"], g["pid"], g["info"].ram) for g in booted]
     scanner = Scanner(targets)
     try:
-        scanner.scan_all()
-        time.sleep(1.0)  # stability is judged across two scans
-        first = scanner.scan_all()
+        first = scanner.scan_stable(1.0)  # stability is judged across two scans
         # Two guests booted from one image share their distribution's pages.
         assert all(v.inter_vm_dups >= 5_000 for v in first.vms), first.vms
         gov = Governor(ksm)

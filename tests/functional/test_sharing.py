@@ -58,12 +58,6 @@ def pause(targets: list[Target], on: bool) -> None:
     asyncio.run(go())
 
 
-def scan_twice(scanner: Scanner) -> SharingIndex:
-    scanner.scan_all()
-    time.sleep(1.0)  # stability is judged across scans
-    return scanner.scan_all()
-
-
 def read_page(pid: int, addr: int) -> bytes:
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
         return os.pread(mem.fileno(), PAGE_SIZE, addr)
@@ -74,7 +68,7 @@ def test_identical_guests_share_and_ksm_realizes_the_estimate(
     targets = boot(guests, ["sa", "sb"], fill="shared")
     scanner = Scanner(targets)
     try:
-        index = scan_twice(scanner)
+        index = scanner.scan_stable(1.0)
         for v in index.vms:
             # the hog's 64 MiB is the same in both guests, plus the boot image's pages
             assert v.inter_vm_dups >= HOG_PAGES, v
@@ -141,7 +135,7 @@ def test_unique_fill_shows_no_false_sharing(guests: Guests, state_dir: Path) -> 
     scanner = Scanner(targets)
     try:
         pause(targets, True)
-        index = scan_twice(scanner)
+        index = scanner.scan_stable(1.0)
         for v in index.vms:
             assert v.hints >= HOG_PAGES, f"the hog's unique pages are hints, not duplicates: {v}"
             assert v.present - v.stable_dups - v.zero >= HOG_PAGES, v
@@ -201,7 +195,7 @@ def test_a_vm_that_exits_mid_scan_keeps_its_state(guests: Guests, state_dir: Pat
     victim, other = targets
     scanner = Scanner(targets)
     try:
-        scan_twice(scanner)
+        scanner.scan_stable(1.0)
         scans_before = scanner.state(victim).scans
         killer = threading.Timer(0.3, kill_pid, args=(victim.pid,))
         killer.start()
