@@ -85,7 +85,7 @@ def _check(what: str, pid: int, rc: int) -> int:
     if rc >= 0:
         return rc
     err = -rc
-    if err in (errno.ESRCH, errno.ENOENT) or not proc.alive(pid):
+    if err in (errno.ESRCH, errno.ENOENT) or proc.gone_or_exiting(pid):
         # A process torn down under the call shows as ESRCH, or as EINVAL/EIO from
         # its half-gone /proc files: whatever the errno, a dead process is "gone".
         raise ProcessGone(what, pid)

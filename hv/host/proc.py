@@ -28,6 +28,20 @@ def alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
+PF_EXITING = 0x4  # include/linux/sched.h: the task has begun do_exit()
+
+
+def gone_or_exiting(pid: int) -> bool:
+    """True if ``pid`` has exited or has begun to (its memory may already be torn down)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    # fields[0] is the state (field 3 of stat), fields[6] the flags (field 9).
+    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
+
+
 def cmdline(pid: int) -> list[str]:
     """The argv of ``pid`` (empty list if it has gone)."""
     try:
