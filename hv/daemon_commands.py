@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
 
 from hv.daemon import Daemon, Options, parse_state
-from hv.errors import UsageError
+from hv.errors import HvError, UsageError
 from hv.host import swap
-from hv.policy import WorkingSetEstimator
+from hv.policy import VMClock, WorkingSetEstimator
 from hv.qemu import launch as launcher
 from hv.qemu.vm import VM
-from hv.sampler import Sampler, check_can_sample
+from hv.sampler import Sampler, check_can_sample, follow_vm_time
 from hv.units import format_size, parse_size
 
 __all__ = ["register"]
@@ -72,19 +73,36 @@ async def cmd_sample(args: argparse.Namespace) -> int:
         info = vm.info
         sampler = Sampler(info.pid, [(r.hva, r.size) for r in info.ram], args.pages)
         est = WorkingSetEstimator()
-        for i in range(args.periods):
-            res = await sampler.period(args.period)
-            est.update(res.touched, res.sampled)
-            row: dict[str, Any] = {
-                "period": i + 1, "touched": res.touched, "sampled": res.sampled,
-                "dropped": res.dropped, "sampleable": res.sampleable, "present": res.present,
-            }
-            frac = "-" if res.fraction is None else f"{res.fraction:.3f}"
-            print(f"{name}: period {row['period']}: {res.touched}/{res.sampled} touched "
-                  f"(f={frac}, dropped {res.dropped}, sampleable {res.sampleable} of "
-                  f"{res.present} present)  slow={est.slow if est.slow is None else round(est.slow, 3)} "
-                  f"fast={est.fast if est.fast is None else round(est.fast, 3)} "
-                  f"active={est.active_fraction:.3f}", flush=True)
+        clock = VMClock()
+
+        async def running() -> bool:
+            return await vm.status() == "running"
+
+        # Periods count VM time: a paused or CPU-starved VM is not read as idle.
+        follower = asyncio.create_task(follow_vm_time(clock, info.pid, running, vm_name=name))
+        try:
+            for i in range(args.periods):
+                if follower.done():
+                    follower.result()  # the VM has gone: raise why
+                res = await sampler.period(args.period, vm_clock=lambda: clock.seconds)
+                if res.discarded is not None:
+                    print(f"{name}: period {i + 1}: discarded: {res.discarded}", flush=True)
+                    continue
+                est.update(res.touched, res.sampled)
+                row: dict[str, Any] = {
+                    "period": i + 1, "touched": res.touched, "sampled": res.sampled,
+                    "dropped": res.dropped, "sampleable": res.sampleable, "present": res.present,
+                }
+                frac = "-" if res.fraction is None else f"{res.fraction:.3f}"
+                print(f"{name}: period {row['period']}: {res.touched}/{res.sampled} touched "
+                      f"(f={frac}, dropped {res.dropped}, sampleable {res.sampleable} of "
+                      f"{res.present} present)  slow={est.slow if est.slow is None else round(est.slow, 3)} "
+                      f"fast={est.fast if est.fast is None else round(est.fast, 3)} "
+                      f"active={est.active_fraction:.3f}", flush=True)
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, HvError):
+                await follower
     return 0
 
 

@@ -20,24 +20,62 @@ swap: without it, ``MADV_PAGEOUT`` leaves anonymous pages where they are and
 
 The fraction measured is of the *sampleable* pages (``SampleResult.sampleable``):
 a VM whose pages are all ballooned, zero or shared has none to measure.
+
+**VM time.**  A VM that did not run touched nothing: paused or starved of host CPU,
+it would read as idle.  Given a VM clock (seconds the VM really ran, e.g. a
+:class:`hv.policy.vmtime.VMClock` fed by :func:`follow_vm_time`),
+:meth:`Sampler.period` waits until the VM has run ``period_s`` (and at least
+``period_s`` of wall time has passed), stretching the period up to
+:data:`MAX_STRETCH` periods of wall time.  A period that reaches that cap with less
+than :data:`MIN_VM_FRACTION` of a period of VM time is *discarded*
+(``SampleResult.discarded`` says why, ``fraction`` is None): the caller must not
+feed an estimator with it.
+
+**Touched so far.**  While it waits, the period counts the sampled pages present
+again (a few µs for 100 pages) and reports them through ``on_partial``, so the
+estimator can show a growing working set before the period ends
+(:meth:`hv.policy.estimator.WorkingSetEstimator.observe_partial`).  A page once
+seen touched stays touched for the period, even if the host swaps it out again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
 
 from hv.errors import HostError
-from hv.host import native, swap
+from hv.host import native, proc, swap
 from hv.host.native import PageFlags
+from hv.policy.vmtime import VMClock
 from hv.units import PAGE_SIZE
 
-__all__ = ["SamplerUnavailable", "SampleResult", "Sampler", "check_can_sample",
+__all__ = ["MAX_STRETCH", "MIN_VM_FRACTION", "POLL_MAX_S", "SamplerUnavailable",
+           "SampleResult", "Sampler", "check_can_sample", "follow_vm_time",
            "sampleable_addresses"]
+
+# Longest a period may stretch, in periods of wall time: a VM getting a quarter of
+# a CPU still completes its period; one that gets less is paused or starving, and
+# hv should not wait on it (nor hold its sample out of swap) indefinitely.
+MAX_STRETCH = 4.0
+
+# Least VM time, in periods, a period capped by MAX_STRETCH must hold to count:
+# with half a period run, touched/sampled still reflects the working set (a page
+# used every few seconds is seen); with less, a slow-cycling working set would
+# read as idle, which is the error this guards against.
+MIN_VM_FRACTION = 0.5
+
+# Poll interval while a period runs, at most: the VM clock and touched-so-far are
+# seen within a second, a small cost (one pagemap read of n pages) per poll.
+POLL_MAX_S = 1.0
+
+# ... and at most this fraction of the period, so short (test) periods still see
+# ten polls and overrun their VM time by no more than a tenth.
+POLL_PERIOD_FRACTION = 0.1
 
 U64Array = npt.NDArray[np.uint64]
 
@@ -68,11 +106,16 @@ class SampleResult:
     dropped: int     # chosen pages still present after page-out (not invalidated)
     sampleable: int  # present, non-zero-page, non-KSM pages at the start
     present: int     # present pages of guest RAM at the start
+    vm_s: float | None = None    # VM time the period lasted (None: begin/end used alone)
+    wall_s: float | None = None  # wall time the period lasted
+    discarded: str | None = None  # why the period must not feed an estimator, or None
 
     @property
     def fraction(self) -> float | None:
-        """``touched / sampled``, or None when nothing could be sampled."""
-        return self.touched / self.sampled if self.sampled else None
+        """``touched / sampled``, or None when nothing could be sampled or discarded."""
+        if self.discarded is not None or not self.sampled:
+            return None
+        return self.touched / self.sampled
 
 
 def sampleable_addresses(pid: int, ranges: Sequence[tuple[int, int]]) -> tuple[U64Array, int]:
@@ -105,6 +148,7 @@ class Sampler:
         self._dropped = 0
         self._sampleable = 0
         self._present = 0
+        self._seen: npt.NDArray[np.bool_] | None = None  # sampled pages seen touched so far
 
     @property
     def running(self) -> bool:
@@ -123,24 +167,93 @@ class Sampler:
         else:
             self._sample = chosen
             self._dropped = 0
+        self._seen = np.zeros(len(self._sample), dtype=np.bool_)
         self._sampleable = len(addrs)
         self._present = present
         return len(self._sample)
+
+    def touched_so_far(self) -> int:
+        """Sampled pages touched since :meth:`begin` (only grows within a period)."""
+        if self._sample is None or self._seen is None:
+            raise RuntimeError("Sampler.touched_so_far() without begin()")
+        if len(self._sample):
+            state = native.present(self.pid, self._sample)
+            self._seen |= (state & np.uint8(int(PageFlags.PRESENT))) != 0
+        return int(self._seen.sum())
 
     def end(self) -> SampleResult:
         """Count the sampled pages touched since :meth:`begin`."""
         if self._sample is None:
             raise RuntimeError("Sampler.end() without begin()")
-        sample, self._sample = self._sample, None
-        touched = 0
-        if len(sample):
-            state = native.present(self.pid, sample)
-            touched = int(((state & np.uint8(int(PageFlags.PRESENT))) != 0).sum())
-        return SampleResult(touched=touched, sampled=len(sample), dropped=self._dropped,
+        touched = self.touched_so_far()
+        sampled = len(self._sample)
+        self._sample = self._seen = None
+        return SampleResult(touched=touched, sampled=sampled, dropped=self._dropped,
                             sampleable=self._sampleable, present=self._present)
 
-    async def period(self, period_s: float) -> SampleResult:
-        """One whole period: begin, wait ``period_s``, end (page work off the loop)."""
+    def abandon(self) -> None:
+        """Forget the period in progress (its pages stay paged out; nothing to undo)."""
+        self._sample = self._seen = None
+
+    async def period(self, period_s: float, vm_clock: Callable[[], float] | None = None,
+                     on_partial: Callable[[int, int], None] | None = None, *,
+                     max_stretch: float = MAX_STRETCH,
+                     wall_clock: Callable[[], float] = time.monotonic) -> SampleResult:
+        """One whole period: begin, wait until the VM ran ``period_s``, end.
+
+        ``vm_clock`` returns the VM time so far in seconds (any origin; only its
+        growth counts); ``None`` counts wall time, as a VM that always runs.  The
+        wait ends once both VM and wall time reached ``period_s``, or at
+        ``max_stretch * period_s`` of wall time; a period cut there with less than
+        ``MIN_VM_FRACTION * period_s`` of VM time comes back ``discarded``.
+        ``on_partial(touched_so_far, sampled)`` is called at every poll (every
+        ``min(POLL_MAX_S, period_s / 10)``).  Page work runs off the event loop.
+        """
+        if period_s <= 0 or max_stretch < 1:
+            raise ValueError(f"need period_s > 0 and max_stretch >= 1, got {period_s}, {max_stretch}")
         await asyncio.to_thread(self.begin)
-        await asyncio.sleep(period_s)
-        return await asyncio.to_thread(self.end)
+        try:
+            start_wall_s = wall_clock()
+            start_vm_s = vm_clock() if vm_clock is not None else start_wall_s
+            cap_s = max_stretch * period_s
+            poll_s = min(POLL_MAX_S, period_s * POLL_PERIOD_FRACTION)
+            sampled = len(self._sample) if self._sample is not None else 0
+            while True:
+                now_s = wall_clock()
+                wall_s = now_s - start_wall_s
+                vm_s = (vm_clock() - start_vm_s) if vm_clock is not None else wall_s
+                if (wall_s >= period_s and vm_s >= period_s) or wall_s >= cap_s:
+                    break
+                if vm_clock is None and on_partial is None:
+                    nap_s = period_s - wall_s  # nothing to watch: sleep out the period
+                else:
+                    nap_s = min(poll_s, cap_s - wall_s)
+                    if vm_clock is None:
+                        nap_s = min(nap_s, period_s - wall_s)
+                await asyncio.sleep(nap_s)
+                if on_partial is not None:
+                    on_partial(await asyncio.to_thread(self.touched_so_far), sampled)
+            res = await asyncio.to_thread(self.end)
+        except BaseException:
+            self.abandon()
+            raise
+        discarded = None
+        if vm_s < MIN_VM_FRACTION * period_s:
+            discarded = (f"the VM ran {vm_s:.1f} s of a {period_s:g} s period in "
+                         f"{wall_s:.1f} s (paused or starved of CPU)")
+        return replace(res, vm_s=vm_s, wall_s=wall_s, discarded=discarded)
+
+
+async def follow_vm_time(clock: VMClock, pid: int, running: Callable[[], Awaitable[bool]],
+                         interval_s: float = POLL_MAX_S, vm_name: str = "") -> None:
+    """Feed ``clock`` forever, one observation per ``interval_s`` (run as a task).
+
+    ``running`` tells whether QEMU's run state is ``running`` (QMP ``query-status``);
+    the run-queue wait comes from ``/proc`` (:func:`hv.host.proc.vcpu_runqueue_wait_s`).
+    Raises :class:`~hv.errors.VMGone` once the process has gone.
+    """
+    while True:
+        is_running = await running()
+        wait_s = proc.vcpu_runqueue_wait_s(pid, vm_name)
+        clock.observe(time.monotonic(), is_running, wait_s)
+        await asyncio.sleep(interval_s)

@@ -1,4 +1,5 @@
-"""Reading /proc for a process: liveness, its command line, memory of a VMA range."""
+"""Reading /proc for a process: liveness, its command line, memory of a VMA range,
+its vCPU threads' run-queue wait."""
 
 from __future__ import annotations
 
@@ -85,6 +86,49 @@ def range_usage(pid: int, start: int, length: int, vm_name: str = "") -> RangeUs
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise VMGone(vm_name or str(pid), f"process {pid} has exited") from exc
     return RangeUsage(rss, swap, huge)
+
+
+# QEMU names its vCPU threads "CPU N/KVM", "CPU N/TCG" (multi-threaded TCG) or
+# "ALL CPUs/TCG" (round-robin TCG): QEMU's accel/kvm/kvm-accel-ops.c and
+# accel/tcg/tcg-accel-ops-{mttcg,rr}.c.
+VCPU_COMM_SUFFIXES = ("/KVM", "/TCG")
+
+
+def vcpu_threads(pid: int, vm_name: str = "") -> list[int]:
+    """Thread ids of QEMU's vCPU threads, by name; all threads if none is named so."""
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise VMGone(vm_name or str(pid), f"process {pid} has exited") from exc
+    vcpus = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm", "rb") as f:
+                comm = f.read().strip().decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread exited meanwhile
+        if comm.endswith(VCPU_COMM_SUFFIXES):
+            vcpus.append(tid)
+    return vcpus or tids
+
+
+def vcpu_runqueue_wait_s(pid: int, vm_name: str = "") -> float:
+    """Mean over QEMU's vCPU threads of the time spent runnable, waiting for a CPU.
+
+    Field 2 of ``/proc/PID/task/TID/schedstat`` (``run_delay``, ns), cumulative since
+    each thread started.  A thread that exits meanwhile is left out of the mean; a
+    process that has gone raises :class:`~hv.errors.VMGone`.
+    """
+    waits_ns = []
+    for tid in vcpu_threads(pid, vm_name):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                waits_ns.append(int(f.read().split()[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    if not waits_ns:
+        raise VMGone(vm_name or str(pid), f"process {pid} has exited (no thread left)")
+    return sum(waits_ns) / len(waits_ns) / 1e9
 
 
 def meminfo() -> dict[str, int]:

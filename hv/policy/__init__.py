@@ -5,6 +5,7 @@
 - :mod:`~hv.policy.states`     free-memory states, their actions, share before swap
 - :mod:`~hv.policy.admission`  admission control (memory and swap reservations)
 - :mod:`~hv.policy.estimator`  the working-set estimate from sampled pages
+- :mod:`~hv.policy.vmtime`     VM time: the wall time a VM really ran, for sampling periods
 """
 
 from hv.policy.admission import AdmissionControl, Reservation, check_admission, overhead_bytes
@@ -21,6 +22,7 @@ from hv.policy.states import (
     share_before_swap,
     should_pause,
 )
+from hv.policy.vmtime import VMClock
 
 __all__ = [
     "Config",
@@ -45,4 +47,5 @@ __all__ = [
     "check_admission",
     "overhead_bytes",
     "WorkingSetEstimator",
+    "VMClock",
 ]

@@ -9,8 +9,24 @@ period, counts how many were touched again.  Pages that could not be invalidated
 and a period with ``sampled == 0`` gives no estimate at all.  As in the paper, hv
 keeps a *slow* exponentially weighted moving average (smooth and stable, lags when
 the working set shrinks), a *fast* one (follows a growing working set within a
-period or two) and the current period's estimate; the active fraction is the
-largest of the three, so hv reacts at once to growth and only slowly to shrinkage.
+period or two) and the estimate within the current period; the active fraction is
+the largest of the three, so hv reacts at once to growth and only slowly to shrinkage.
+
+The estimate within the current period is the paper's "version of the faster
+average that incorporates counts from the current sampling period": while a
+period runs, the sampler reports the sampled pages touched *so far*
+(:meth:`WorkingSetEstimator.observe_partial`), and the in-period estimate is the
+fast average updated with that partial sample, ``fast + FAST_GAIN * (t/n - fast)``.
+Touched-so-far is a lower bound of what the whole period will count (a page
+touched stays touched), so a partial sample can show growth but never shrinkage:
+it only ever *raises* the active fraction (through the max), and a low partial
+count early in a period lowers nothing.  The period's :meth:`~WorkingSetEstimator.update`
+replaces it.  Before the first full period a partial count says ``t/n`` (reported
+as ``in_period``) but the active fraction stays at the unmeasured 1.0, since a lower
+bound cannot lower it.
+
+The last period's raw ``touched / sampled`` is kept as ``current`` for reports;
+it is not one of the three (the fast average already holds it, with less noise).
 
 Gains, for the default 100 pages per 30 s period (binomial noise of one sample is
 up to 0.05 at f = 0.5):
@@ -62,16 +78,18 @@ class WorkingSetEstimator:
         self._slow: float | None = None
         self._fast: float | None = None
         self._current: float | None = None
+        self._in_period: float | None = None
         self._periods = 0
 
     def update(self, touched: int, sampled: int) -> float:
         """Feed one period's counts; return the active fraction afterwards.
 
         ``sampled`` counts only the pages that were really invalidated; ``touched``
-        those of them found present again.  ``sampled == 0`` changes nothing.
+        those of them found present again.  ``sampled == 0`` changes no average.
+        Either way the period is over: its in-period estimate is dropped.
         """
-        if sampled < 0 or not 0 <= touched <= max(sampled, 0):
-            raise ValueError(f"need 0 <= touched <= sampled, got {touched} of {sampled}")
+        _check_counts(touched, sampled)
+        self._in_period = None
         if sampled == 0:
             return self.active_fraction
         f = touched / sampled
@@ -83,6 +101,23 @@ class WorkingSetEstimator:
         self._current = f
         self._periods += 1
         return self.active_fraction
+
+    def observe_partial(self, touched: int, sampled: int) -> float:
+        """Feed the counts of the period in progress so far; return the active fraction.
+
+        ``touched`` is a lower bound of the period's final count, so this can only
+        raise the active fraction.  Each call replaces the previous partial estimate
+        (the counts only grow within a period); ``sampled == 0`` changes nothing.
+        """
+        _check_counts(touched, sampled)
+        if sampled:
+            f = touched / sampled
+            self._in_period = f if self._fast is None else self._fast + self.fast_gain * (f - self._fast)
+        return self.active_fraction
+
+    def clear_partial(self) -> None:
+        """Drop the in-period estimate: the period was discarded, no update() follows."""
+        self._in_period = None
 
     @property
     def slow(self) -> float | None:
@@ -100,18 +135,29 @@ class WorkingSetEstimator:
         return self._current
 
     @property
+    def in_period(self) -> float | None:
+        """The estimate within the period in progress, or ``None`` (module doc)."""
+        return self._in_period
+
+    @property
     def periods(self) -> int:
         """How many periods gave an estimate."""
         return self._periods
 
     @property
     def active_fraction(self) -> float:
-        """``max(slow, fast, current)``; 1.0 before any measurement."""
-        values = [v for v in (self._slow, self._fast, self._current) if v is not None]
-        return max(values) if values else UNMEASURED_ACTIVE_FRACTION
+        """``max(slow, fast, in_period)``; 1.0 before the first full period."""
+        if self._slow is None or self._fast is None:
+            return UNMEASURED_ACTIVE_FRACTION
+        values = [v for v in (self._slow, self._fast, self._in_period) if v is not None]
+        return max(values)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready state, so a restarted hv resumes the averages."""
+        """JSON-ready state, so a restarted hv resumes the averages.
+
+        The in-period estimate is left out: it belongs to a period in progress, which
+        a restart abandons (the next period's partial counts rebuild it).
+        """
         return {
             "format": _FORMAT,
             "fast_gain": self.fast_gain,
@@ -147,8 +193,13 @@ class WorkingSetEstimator:
     def __repr__(self) -> str:
         return (
             f"WorkingSetEstimator(slow={self._slow}, fast={self._fast}, "
-            f"current={self._current}, periods={self._periods})"
+            f"current={self._current}, in_period={self._in_period}, periods={self._periods})"
         )
+
+
+def _check_counts(touched: int, sampled: int) -> None:
+    if sampled < 0 or not 0 <= touched <= max(sampled, 0):
+        raise ValueError(f"need 0 <= touched <= sampled, got {touched} of {sampled}")
 
 
 def _fraction_or_none(value: object) -> float | None:
