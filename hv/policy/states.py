@@ -105,7 +105,8 @@ class StateTracker:
 
     ``update(free_bytes)`` moves down to the worst state whose threshold free memory
     is below, or up to the best state whose threshold plus hysteresis free memory
-    exceeds; otherwise the state stays.  The first reading starts from ``HIGH``.
+    exceeds; otherwise the state stays.  The first reading starts from ``initial``
+    (``HIGH`` unless a reload carries the state over).
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class StateTracker:
         managed_bytes: int,
         thresholds: Thresholds = DEFAULT_THRESHOLDS,
         hysteresis_pct: float = DEFAULT_HYSTERESIS_PCT,
+        initial: MemState = MemState.HIGH,
     ) -> None:
         if managed_bytes <= 0:
             raise ValueError(f"managed memory must be positive, not {managed_bytes}")
@@ -124,7 +126,7 @@ class StateTracker:
         self.managed_bytes = managed_bytes
         self.thresholds = thresholds
         self.hysteresis_pct = hysteresis_pct
-        self._state = MemState.HIGH
+        self._state = initial  # a reloaded configuration keeps the state it was in
 
     @property
     def state(self) -> MemState:

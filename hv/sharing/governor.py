@@ -62,6 +62,7 @@ class Observation:
     backlog_pages: int  # stable duplicates (and zero pages) not merged yet
     mode: Mode = Mode.CONVERGE  # the mode of the previous decision (for hysteresis)
     ksmd_cpu_s_per_page: float | None = None  # measured: ksmd CPU / pages_scanned
+    pressure: bool = False  # memory is short (hard state): share before swap, full rate
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,15 @@ def decide(obs: Observation, p: Params = Params()) -> Decision:
         return Decision(Mode.IDLE, Setting(p.idle_pages_to_scan, p.idle_sleep_millisecs),
                         f"backlog {obs.backlog_pages} pages <= {threshold:.0f}: idle")
     fraction = obs.backlog_pages / present
-    pass_s = p.fast_pass_s * max(1.0, p.fast_backlog_fraction / fraction)
-    pass_s = min(pass_s, p.slow_pass_s)
+    if obs.pressure:  # every unmerged duplicate saves a page that would be swapped
+        pass_s = p.fast_pass_s
+    else:
+        pass_s = p.fast_pass_s * max(1.0, p.fast_backlog_fraction / fraction)
+        pass_s = min(pass_s, p.slow_pass_s)
     rate = present / pass_s
     why = f"backlog {obs.backlog_pages} of {present} pages: a pass every {pass_s:.1f} s"
+    if obs.pressure:
+        why += " (memory pressure)"
     if obs.ksmd_cpu_s_per_page is not None and obs.ksmd_cpu_s_per_page > 0:
         cap = p.cpu_budget_cores / obs.ksmd_cpu_s_per_page
         if rate > cap:
@@ -161,12 +167,16 @@ class Governor:
         if scanned >= 10_000 and cpu > 0.05:  # enough to be a measurement, not clock noise
             self._cost_s_per_page = cpu / scanned
 
-    def step(self, index: SharingIndex) -> Decision:
-        """Decide from a fresh index and write KSM's tunables if they change."""
+    def step(self, index: SharingIndex, pressure: bool = False) -> Decision:
+        """Decide from an index and write KSM's tunables if they change.
+
+        ``pressure``: memory is short; run ksmd at the full rate while duplicates
+        remain (no rescan is needed for that: the last index's backlog says so).
+        """
         stats = self.ksm.stats()
         self._measure_cost(stats)
         d = decide(Observation(index.present, index.backlog_pages, self.mode,
-                               self._cost_s_per_page), self.params)
+                               self._cost_s_per_page, pressure), self.params)
         drifted = self._drifted()
         if d.setting != self.applied or drifted:
             self.overridden += drifted

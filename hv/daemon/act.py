@@ -1,0 +1,132 @@
+"""Controllers: what the daemon changes, per VM — balloon, hypervisor swap, pause.
+
+By state (:func:`~hv.policy.actions_for`):
+
+- any state: a balloon below target grows back to it, and a balloon above ``max``
+  shrinks to it (``max`` is a limit in every state);
+- soft and worse: balloons shrink so each VM holds at most its target of host memory
+  (:func:`~hv.policy.reclaim.balloon_goal`); a VM whose balloon cannot get there (the
+  guest-need floor, no driver, no answer: :class:`~hv.policy.reclaim.BalloonProgress`)
+  is paged out instead;
+- hard and worse: every VM above target is also paged out (unless share before swap
+  holds swapping back for a while);
+- low: VMs above target are paused until they are at target or the state recovers.
+
+Only what hv paused is hv's to resume: a VM someone else paused keeps its state and
+is left alone; one hv paused that someone else resumed is no longer hv's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from hv.daemon.managed import Context, ManagedVM
+from hv.errors import HvError, VMGone
+from hv.host import native
+from hv.policy import MemState, actions_for, should_pause
+from hv.policy.reclaim import (
+    BALLOON_TOLERANCE_BYTES,
+    SWAP_SLACK_BYTES,
+    balloon_goal,
+    swap_pages_for,
+)
+from hv.qemu.vm import balloon_floor
+from hv.sampler import sampleable_addresses
+
+__all__ = ["act", "resume", "page_out"]
+
+
+def page_out(m: ManagedVM, n: int) -> tuple[int, int]:
+    """Page out ``n`` random sampleable pages of the VM; (asked, invalidated)."""
+    info = m.vm.info
+    addrs, _ = sampleable_addresses(info.pid, [(r.hva, r.size) for r in info.ram])
+    n = min(n, len(addrs))
+    if n == 0:
+        return 0, 0
+    chosen = np.sort(m.rng.choice(addrs, size=n, replace=False))
+    return n, native.pageout(info.pid, chosen).invalidated
+
+
+async def resume(ctx: Context, m: ManagedVM, why: str) -> None:
+    """Resume a VM hv paused, and forget that it did."""
+    await m.vm.resume()
+    m.paused_by_hv = False
+    ctx.guard.paused.pop(m.name, None)
+    ctx.guard.save()
+    ctx.log.write("resume", vm=m.name, why=why)
+
+
+def _forget_pause(ctx: Context, m: ManagedVM) -> None:
+    m.paused_by_hv = False
+    ctx.guard.paused.pop(m.name, None)
+    ctx.guard.save()
+
+
+async def act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) -> None:
+    """The VM's action job for this tick.  A QEMU that exits marks the VM gone."""
+    try:
+        await _act(ctx, m, state, defer_swap)
+    except VMGone as exc:
+        m.gone = str(exc)
+    except native.ProcessGone as exc:
+        m.gone = str(exc)
+    except HvError as exc:
+        ctx.log.write("act_failed", vm=m.name, error=str(exc))
+
+
+async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) -> None:
+    assert m.reading is not None and m.target_bytes is not None
+    r, target = m.reading, m.target_bytes
+    running = r.run_state == "running"
+    if m.paused_by_hv and running:
+        # Someone else resumed it: it is theirs now.
+        _forget_pause(ctx, m)
+        ctx.log.write("resumed_by_other", vm=m.name)
+    if not running and not m.paused_by_hv:
+        return  # paused (or stopped) by someone else: keep its state, leave it alone
+    actions = actions_for(state)
+    now = time.monotonic()
+    info = m.vm.info
+
+    goal = balloon_goal(target, m.max_bytes, r.balloon_bytes, r.resident_bytes,
+                        balloon_floor(info.ram_bytes), m.need_bytes)
+    m.progress.update(now, goal, r.balloon_bytes)
+    grow = goal > r.balloon_bytes + BALLOON_TOLERANCE_BYTES
+    shrink = goal < r.balloon_bytes - BALLOON_TOLERANCE_BYTES and (
+        actions.balloon or r.balloon_bytes > m.max_bytes)
+    if (grow or shrink) and (m.balloon_asked is None
+                             or abs(m.balloon_asked - goal) > BALLOON_TOLERANCE_BYTES):
+        await m.vm.set_balloon(goal, force=True)
+        m.balloon_asked = goal
+        ctx.log.write("balloon", vm=m.name, goal_bytes=goal, target_bytes=target,
+                      actual_bytes=r.balloon_bytes, resident_bytes=r.resident_bytes,
+                      need_bytes=m.need_bytes, state=str(state))
+
+    stuck = actions.balloon and m.progress.cannot_reach(now, target, r.resident_bytes,
+                                                         r.balloon_bytes)
+    if (actions.swap and not defer_swap) or stuck:
+        n = swap_pages_for(r.resident_bytes, target)
+        if n:
+            asked, out = await asyncio.to_thread(page_out, m, n)
+            ctx.log.write("swap", vm=m.name, pages=asked, invalidated=out,
+                          resident_bytes=r.resident_bytes, target_bytes=target,
+                          why="balloon cannot reach target" if stuck and not actions.swap
+                          else str(state))
+
+    pause = should_pause(state, r.resident_bytes, target, SWAP_SLACK_BYTES)
+    if pause and not m.paused_by_hv:
+        ctx.guard.paused[m.name] = m.vm.socket_path
+        ctx.guard.save()  # record before pausing, so the guardian resumes it
+        try:
+            await m.vm.pause()
+        except BaseException:
+            _forget_pause(ctx, m)
+            raise
+        m.paused_by_hv = True
+        ctx.log.write("pause", vm=m.name, resident_bytes=r.resident_bytes,
+                      target_bytes=target, state=str(state))
+    elif not pause and m.paused_by_hv:
+        await resume(ctx, m, why=str(state))

@@ -1,0 +1,620 @@
+"""``hv run``'s loop and lifecycle: start, tick, reload, re-attach, stop.
+
+Each tick (``host.poll_interval_s``):
+
+1. **collect** (:mod:`hv.daemon.collect`) — every VM's collection runs as its own job;
+   the tick waits for them at most half a poll interval, so a slow or hung QEMU delays
+   nobody else by more than that, and is simply left out until it answers.
+2. **decide** — free memory and the state (:class:`~hv.policy.StateTracker`; a
+   forced state, for drills, can only make it worse); the **pool** the VMs share,
+   which is what they hold now plus free memory above the high threshold
+   (:func:`~hv.policy.reclaim.pool_bytes`), so targets shrink as soon as free memory
+   falls and reclamation brings it back above the high threshold; every VM's target
+   by min-funding revocation with the idle memory tax (:func:`~hv.policy.compute_targets`).
+3. **act** (:mod:`hv.daemon.act`) — each VM's actions run as its own job too.
+
+Beside the ticks: one sampler task per VM (:mod:`hv.daemon.sampling`) and the KSM
+service (:mod:`hv.daemon.sharing`).
+
+Lifecycle.  Everything that may refuse happens at start (bad config, a VM that does
+not answer, admission).  Later, a VM whose QEMU exits is dropped and waited for: one
+that comes back under the same name or socket is re-attached (and admitted again).
+SIGHUP reloads the configuration with the same validation as at start; a bad one is
+refused in one line and the old one stays.  SIGTERM/SIGINT stop within about two
+seconds: every VM hv paused is resumed, KSM's tunables are restored, estimators are
+saved, and balloons are **left where they are** (restoring every VM to its max at
+once could overcommit the host the moment hv stops watching).  If hv is killed
+outright, the guardian process (:mod:`hv.guardian`) resumes and restores instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from hv import paths
+from hv.daemon import status
+from hv.daemon.act import act, resume
+from hv.daemon.collect import host_available_bytes, collect
+from hv.daemon.managed import Context, ManagedVM
+from hv.daemon.sampling import sample_loop, save_estimator
+from hv.daemon.sharing import SharingService
+from hv.errors import AdmissionError, ConfigError, HostError, HvError, UsageError
+from hv.eventlog import EventLog
+from hv.guardian import GuardFile
+from hv.host import proc, swap
+from hv.policy import (
+    AdmissionControl,
+    Config,
+    MemState,
+    StateTracker,
+    VMConfig,
+    VMDemand,
+    WorkingSetEstimator,
+    compute_targets,
+    load_config,
+    overhead_bytes,
+)
+from hv.policy.reclaim import policy_active_fraction, pool_bytes, pool_free_bytes
+from hv.qemu import launch
+from hv.qemu.vm import VM, VMState, balloon_floor
+from hv.sampler import SamplerUnavailable, check_can_sample
+from hv.sharing.scan import Target
+from hv.units import format_size
+
+__all__ = ["Options", "Daemon", "parse_state"]
+
+# Connecting to a VM: one that does not greet in 5 s is refused (at start, at reload)
+# or tried again later (re-attach).
+ATTACH_TIMEOUT_S = 5.0
+
+# A VM that went away is looked for again every 2 s: a restarted QEMU is back in
+# seconds, and a look is one stat() of its socket.
+REATTACH_INTERVAL_S = 2.0
+
+# Stopping: resuming what hv paused and closing every connection get 1.5 s together,
+# so SIGTERM is handled within 2 s even with a hung QEMU (the guardian and the next
+# hv resume what could not be resumed now).
+STOP_TIMEOUT_S = 1.5
+
+
+def parse_state(text: str) -> MemState:
+    """``"high" | "soft" | "hard" | "low"`` to a :class:`MemState` (UsageError otherwise)."""
+    try:
+        return MemState[text.strip().upper()]
+    except KeyError:
+        raise UsageError(f"unknown state {text.strip()!r}: use high, soft, hard or low") from None
+
+
+@dataclass
+class Options:
+    """How ``hv run`` was asked to run."""
+
+    config_path: Path
+    log_path: Path | None = None
+    once: bool = False
+    force_state: MemState | None = None
+    force_state_file: Path | None = None
+    guardian: bool = True
+
+
+class Daemon:
+    """The allocation loop.  ``await Daemon(options).run()``; raises HvError on fatal errors."""
+
+    def __init__(self, options: Options, notify: Callable[[str], None] | None = None) -> None:
+        self.options = options
+        self.notify = notify or (lambda line: None)
+        self.dir = paths.state_dir() / "daemon"
+        self.vms: list[ManagedVM] = []
+        self.waiting: dict[str, VMConfig] = {}  # configured VMs whose QEMU went away
+        self._reattaching: dict[str, asyncio.Task[None]] = {}
+        self._reattach_problem: dict[str, str] = {}
+        self.stop_event = asyncio.Event()
+        self.reload_event = asyncio.Event()
+        self.ctx: Context | None = None
+        self.guard = GuardFile(self.dir / "guard.json", hv_pid=os.getpid())
+        self.sharing: SharingService | None = None
+        self._bad_force_text = ""
+        self.sampling = False
+        self.config: Config | None = None
+        self.tracker: StateTracker | None = None
+        self.state = MemState.HIGH
+        self._lock: IO[str] | None = None
+        self._guardian: subprocess.Popen[bytes] | None = None
+        self._guard_owned = False
+        self._last_tick_s = 0.0
+        self.ticks = 0
+
+    @property
+    def log(self) -> EventLog:
+        assert self.ctx is not None
+        return self.ctx.log
+
+    # -- start -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Validate, attach, admit; everything that may refuse happens here."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        config = self._load_config()
+        self.config = config
+        self._undo_previous_run()
+        log = EventLog(self.options.log_path or (self.dir / "events.jsonl"))
+        self.ctx = Context(log, self.guard, self.notify)
+        try:
+            for cfg in config.vms:
+                self.vms.append(await self._attach(config, cfg))
+            self._admit(config, self._entries(self.vms))
+        except BaseException:
+            await self._detach(self.vms)
+            raise
+        self.tracker = self._tracker(config)
+        try:
+            check_can_sample()
+            self.sampling = True
+        except SamplerUnavailable as exc:
+            self.notify(f"warning: {exc}; every VM counts as fully active")
+            log.write("sampler_unavailable", reason=str(exc))
+        self.guard.save()
+        self._guard_owned = True
+        if self.options.guardian:
+            self._spawn_guardian()
+        log.write("start", pid=os.getpid(), config=config.source,
+                  managed_bytes=config.host.managed_bytes, vms=[v.name for v in self.vms],
+                  sampling=self.sampling, sample_pages=config.host.sample_pages,
+                  sample_period_s=config.host.sample_period_s,
+                  forced_state=str(self.options.force_state) if self.options.force_state else None)
+
+    def _load_config(self) -> Config:
+        config = load_config(self.options.config_path, proc.meminfo()["MemTotal"])
+        if not config.vms:
+            raise ConfigError(f"{config.source}: no [vm.NAME] tables: nothing to manage")
+        return config
+
+    @staticmethod
+    def _tracker(config: Config, state: MemState = MemState.HIGH) -> StateTracker:
+        return StateTracker(config.host.managed_bytes, config.host.thresholds,
+                            config.host.hysteresis_pct, initial=state)
+
+    def _take_lock(self) -> None:
+        lock = open(self.dir / "lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise HostError(f"another hv run holds {self.dir / 'lock'}") from None
+        self._lock = lock
+
+    def _undo_previous_run(self) -> None:
+        """Resume VMs and restore KSM after a previous hv whose guardian did not."""
+        if self.guard.path.exists():
+            from hv.guardian import undo
+            for line in undo(self.guard.path):
+                self.notify(f"previous run: {line}")
+
+    @staticmethod
+    def _socket_of(config: Config, cfg: VMConfig) -> str:
+        if cfg.socket is not None:
+            return cfg.socket
+        try:
+            return launch.socket_of(cfg.name)[1]
+        except HvError as exc:
+            raise ConfigError(f"{config.source}: vm.{cfg.name}: no socket given and "
+                              f"no VM of that name in hv's run directory") from exc
+
+    async def _attach(self, config: Config, cfg: VMConfig) -> ManagedVM:
+        where = f"{config.source}: vm.{cfg.name}.socket"
+        sock = self._socket_of(config, cfg)
+        if not os.path.exists(sock):
+            raise ConfigError(f"{where}: {sock} does not exist")
+        vm = VM(cfg.name, sock)
+        try:
+            await asyncio.wait_for(vm.attach(), ATTACH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await vm.detach()
+            raise ConfigError(f"{where}: {sock} does not answer (no QMP greeting in "
+                              f"{ATTACH_TIMEOUT_S:.0f} s)") from None
+        except HvError as exc:
+            raise ConfigError(f"{where}: {sock} does not answer: {exc}") from exc
+        try:
+            if vm.info.balloon_path is None:
+                raise ConfigError(f"{where}: the VM has no virtio-balloon device")
+            max_bytes = self._max_of(config, cfg, vm)
+            await vm.enable_stats()
+        except BaseException:
+            await vm.detach()
+            raise
+        return self._managed(cfg, vm, max_bytes)
+
+    @staticmethod
+    def _max_of(config: Config, cfg: VMConfig, vm: VM) -> int:
+        """The VM's ``max``: configured, or its memory size; checked against both ends."""
+        ram = vm.info.ram_bytes
+        max_bytes = cfg.max_bytes if cfg.max_bytes is not None else ram
+        if max_bytes > ram:
+            raise ConfigError(f"{config.source}: vm.{cfg.name}.max: {format_size(max_bytes)} "
+                              f"is more than the VM's memory {format_size(ram)}")
+        if max_bytes < balloon_floor(ram):
+            raise ConfigError(f"{config.source}: vm.{cfg.name}.max: {format_size(max_bytes)} "
+                              f"is below the safe balloon floor {format_size(balloon_floor(ram))} "
+                              f"of a {format_size(ram)} guest")
+        return max_bytes
+
+    def _managed(self, cfg: VMConfig, vm: VM, max_bytes: int) -> ManagedVM:
+        info = vm.info
+        est_file = paths.state_dir() / "vms" / cfg.name / "estimator.json"
+        estimator = WorkingSetEstimator()
+        measured = 0
+        if est_file.exists():
+            try:
+                data = json.loads(est_file.read_text())
+                if data.get("pid") not in (None, info.pid):
+                    # Another QEMU under the same name: what hv knew was about a VM
+                    # that no longer exists.
+                    self.notify(f"{cfg.name}: saved working-set estimate is of an earlier "
+                                f"QEMU (pid {data.get('pid')}, now {info.pid}); starting afresh")
+                else:
+                    estimator = WorkingSetEstimator.from_dict(data["estimator"])
+                    measured = int(data.get("measured_pages", 0))
+            except (ValueError, KeyError, TypeError, HvError) as exc:
+                self.notify(f"{cfg.name}: ignoring unusable {est_file}: {exc}")
+        return ManagedVM(cfg, vm, max_bytes, estimator, est_file, info.pid, measured_pages=measured)
+
+    @staticmethod
+    def _admit(config: Config, vms: list[tuple[VMConfig, VM, int]]) -> None:
+        """Admission control over (config, handle, max) of each VM; AdmissionError names
+        the VM refused."""
+        # Swap hv's VMs may use: what is free plus what they already hold.
+        _, swap_free = swap.totals()
+        held = 0
+        for _, vm, _ in vms:
+            with contextlib.suppress(HvError):
+                held += vm.host_usage().swap_bytes
+        control = AdmissionControl(config.host.managed_bytes, swap_free + held)
+        for cfg, _, max_bytes in vms:
+            control.admit(cfg.name, cfg.min_bytes, max_bytes)
+
+    @staticmethod
+    def _entries(vms: list[ManagedVM]) -> list[tuple[VMConfig, VM, int]]:
+        return [(m.cfg, m.vm, m.max_bytes) for m in vms]
+
+    def _spawn_guardian(self) -> None:
+        self._guardian = subprocess.Popen(
+            [sys.executable, "-m", "hv.guardian", str(os.getpid()), str(self.guard.path)],
+            stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=str(Path(__file__).resolve().parent.parent.parent))
+
+    def _start_sampler(self, m: ManagedVM) -> None:
+        if self.sampling and not self.options.once:
+            assert self.ctx is not None
+            m.sampler_task = asyncio.create_task(
+                sample_loop(self.ctx, m, lambda: self._host_config().host))
+
+    def _host_config(self) -> Config:
+        assert self.config is not None
+        return self.config
+
+    def _share_targets(self) -> list[Target]:
+        return [Target.from_info(m.vm.info) for m in self.vms
+                if m.failing is None and m.gone is None and m.vm.state is VMState.ATTACHED]
+
+    # -- run ---------------------------------------------------------------------
+    async def run(self) -> None:
+        """Start, loop until stopped, and always clean up."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_event.set)
+        try:
+            await self.start()
+            assert self.config is not None and self.ctx is not None
+            for m in self.vms:
+                if m.estimator.periods:
+                    self.log.write("estimator_loaded", vm=m.name, **m.estimator.to_dict(),
+                                   measured_pages=m.measured_pages)
+                self._start_sampler(m)
+            if self.config.host.share_interval_s > 0 and not self.options.once:
+                self.sharing = SharingService(
+                    self.ctx, lambda: self._host_config().host.share_interval_s,
+                    self._share_targets)
+                await self.sharing.start()
+            while not self.stop_event.is_set():
+                await self.tick()
+                if self.options.once:
+                    break
+                waits = [asyncio.ensure_future(e.wait())
+                         for e in (self.stop_event, self.reload_event)]
+                await asyncio.wait(waits, timeout=self.config.host.poll_interval_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+                if self.reload_event.is_set() and not self.stop_event.is_set():
+                    self.reload_event.clear()
+                    await self.reload()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.shutdown()
+
+    def _forced(self) -> MemState | None:
+        path = self.options.force_state_file
+        if path is not None:
+            try:
+                text = path.read_text().strip()
+            except OSError:
+                text = ""
+            if text:
+                try:
+                    return parse_state(text)
+                except UsageError as exc:  # a typo in the file must not stop the daemon
+                    if text != self._bad_force_text:
+                        self.log.write("force_state_ignored", error=str(exc))
+                        self.notify(f"warning: {exc}; ignored")
+                    self._bad_force_text = text
+        return self.options.force_state
+
+    async def _wait_jobs(self, timeout_s: float) -> None:
+        jobs = [m.job for m in self.vms if m.job is not None and not m.job.done()]
+        if jobs:
+            await asyncio.wait(jobs, timeout=timeout_s)
+        for m in list(self.vms):
+            if m.gone is not None:
+                await self._drop(m, m.gone)
+
+    async def tick(self) -> None:
+        """One collect-decide-act cycle over every VM."""
+        assert self.config is not None and self.tracker is not None and self.ctx is not None
+        host = self.config.host
+        started = time.monotonic()
+        fresh_since, self._last_tick_s = self._last_tick_s, started
+        half = host.poll_interval_s / 2
+
+        # 1. collect: each VM's job; a VM still busy from before is not asked again.
+        for m in self.vms:
+            if not m.busy:
+                m.job = asyncio.create_task(collect(self.ctx, m))
+        await self._wait_jobs(half)
+        self._reattach()
+
+        # 2. decide
+        fresh = [m for m in self.vms if m.reading is not None and m.failing is None
+                 and m.reading.at_s >= fresh_since]
+        held = {m.name: m.reading.resident_bytes if m.reading else m.max_bytes for m in self.vms}
+        overheads = sum(overhead_bytes(m.max_bytes) for m in self.vms)
+        free = pool_free_bytes(host_available_bytes(), host.managed_bytes,
+                               sum(held.values()) + overheads)
+        real = self.tracker.update(free)
+        forced = self._forced()
+        state = max(real, forced) if forced is not None else real
+        if state != self.state:
+            self.log.write("state", state=str(state), previous=str(self.state),
+                           real_state=str(real), free_bytes=free)
+            self.state = state
+        held_fresh = sum(held[m.name] for m in fresh)
+        bound = host.managed_bytes - overheads - (sum(held.values()) - held_fresh)
+        pool = pool_bytes(held_fresh, free, self.tracker.threshold_bytes(MemState.HIGH), bound)
+        demands = []
+        for m in fresh:
+            assert m.reading is not None
+            allocated = min(m.reading.resident_bytes, m.max_bytes)
+            f = policy_active_fraction(m.estimator.active_fraction, m.measured_pages, allocated)
+            demands.append(VMDemand(m.name, m.cfg.shares, m.cfg.min_bytes, m.max_bytes,
+                                    allocated, f))
+        targets = compute_targets(demands, pool, host.tax_rate)
+        for m in fresh:
+            m.target_bytes = targets[m.name]
+
+        # 3. act: each VM's job, for the VMs not busy with a job from before.
+        defer_swap = False
+        if self.sharing is not None:
+            defer_swap = await self.sharing.advise(state, self.tracker.shortfall_bytes(free))
+        for m in fresh:
+            if not m.busy:
+                m.job = asyncio.create_task(act(self.ctx, m, state, defer_swap))
+        await self._wait_jobs(host.poll_interval_s if self.options.once else half)
+
+        self._record(state, real, free, pool, [m for m in fresh if m in self.vms])
+        self.ticks += 1
+
+    def _record(self, state: MemState, real: MemState, free: int, pool: int,
+                fresh: list[ManagedVM]) -> None:
+        """The tick's event-log lines and the published status."""
+        for m in fresh:
+            assert m.reading is not None
+            est = m.estimator
+            self.log.write(
+                "tick", vm=m.name, tick=self.ticks, state=str(state), real_state=str(real),
+                free_bytes=free, pool_bytes=pool, target_bytes=m.target_bytes,
+                balloon_bytes=m.reading.balloon_bytes, resident_bytes=m.reading.resident_bytes,
+                swap_bytes=m.reading.swap_bytes, run_state=m.reading.run_state,
+                paused_by_hv=m.paused_by_hv, need_bytes=m.need_bytes,
+                active={"fraction": est.active_fraction, "slow": est.slow, "fast": est.fast,
+                        "current": est.current, "periods": est.periods,
+                        "measured_pages": m.measured_pages,
+                        "of_allocation": policy_active_fraction(
+                            est.active_fraction, m.measured_pages,
+                            min(m.reading.resident_bytes, m.max_bytes))})
+        vms = {}
+        for m in self.vms:
+            r = m.reading
+            vms[m.name] = {
+                "socket": m.vm.socket_path, "pid": m.pid, "max_bytes": m.max_bytes,
+                "min_bytes": m.cfg.min_bytes, "shares": m.cfg.shares,
+                "target_bytes": m.target_bytes, "paused_by_hv": m.paused_by_hv,
+                "active_fraction": m.estimator.active_fraction,
+                "balloon_bytes": r.balloon_bytes if r else None,
+                "host_resident_bytes": r.resident_bytes if r else None,
+                "host_swap_bytes": r.swap_bytes if r else None,
+                "run_state": r.run_state if r else None,
+                "guest": r.guest.as_dict() if r else None,
+                "failing": m.failing}
+        status.publish(str(state), free, pool, vms)
+
+    # -- VMs that go and come back -------------------------------------------------
+    async def _drop(self, m: ManagedVM, why: str) -> None:
+        """Stop managing ``m`` (its QEMU exited); wait for it to come back."""
+        self.log.write("vm_gone", vm=m.name, error=why)
+        self.notify(f"{m.name}: gone ({why}); waiting for it to come back")
+        await self._forget(m)
+        if self.config is not None and any(c.name == m.name for c in self.config.vms):
+            self.waiting[m.name] = m.cfg
+
+    async def _forget(self, m: ManagedVM) -> None:
+        if m.sampler_task is not None:
+            m.sampler_task.cancel()
+        if m.job is not None and not m.job.done():
+            m.job.cancel()
+        if m.paused_by_hv:
+            self.guard.paused.pop(m.name, None)
+            self.guard.save()
+        if m in self.vms:
+            self.vms.remove(m)
+        await self._detach([m])
+
+    def _reattach(self) -> None:
+        """Look for waiting VMs; attach (and admit) those whose QEMU is back."""
+        for name, cfg in list(self.waiting.items()):
+            task = self._reattaching.get(name)
+            if task is None or task.done():
+                self._reattaching[name] = asyncio.create_task(self._try_reattach(cfg))
+
+    async def _try_reattach(self, cfg: VMConfig) -> None:
+        config = self._host_config()
+        try:
+            m = await self._attach(config, cfg)
+        except HvError as exc:
+            self._reattach_problem_once(cfg.name, str(exc), quiet=True)
+            await asyncio.sleep(REATTACH_INTERVAL_S)
+            return
+        try:
+            self._admit(config, self._entries([*self.vms, m]))
+        except AdmissionError as exc:
+            await self._detach([m])
+            self._reattach_problem_once(cfg.name, str(exc))
+            await asyncio.sleep(REATTACH_INTERVAL_S)
+            return
+        if self.waiting.pop(cfg.name, None) is None:  # removed by a reload meanwhile
+            await self._detach([m])
+            return
+        self._reattach_problem.pop(cfg.name, None)
+        self.vms.append(m)
+        self._start_sampler(m)
+        self.log.write("vm_reattached", vm=m.name, pid=m.pid, socket=m.vm.socket_path)
+        self.notify(f"{m.name}: back (pid {m.pid}); managed again")
+
+    def _reattach_problem_once(self, name: str, problem: str, quiet: bool = False) -> None:
+        if self._reattach_problem.get(name) != problem:
+            self._reattach_problem[name] = problem
+            if not quiet:
+                self.log.write("reattach_refused", vm=name, error=problem)
+                self.notify(f"{name}: back but not managed: {problem}")
+
+    # -- reload --------------------------------------------------------------------
+    async def reload(self) -> None:
+        """SIGHUP: the new configuration, validated as at start; a bad one changes nothing."""
+        assert self.config is not None
+        added: list[ManagedVM] = []
+        try:
+            new = self._load_config()
+            current = {m.name: m for m in self.vms}
+            known = {**{n: m.cfg for n, m in current.items()}, **self.waiting}
+            wanted = {c.name: c for c in new.vms}
+            replaced = {n for n, c in wanted.items()
+                        if n in known and self._socket_key(c) != self._socket_key(known[n])}
+            for name, cfg in wanted.items():
+                if name not in known or name in replaced:
+                    added.append(await self._attach(new, cfg))
+            keep = [m for n, m in current.items() if n in wanted and n not in replaced]
+            limits = {m.name: self._max_of(new, wanted[m.name], m.vm) for m in keep}
+            self._admit(new, [(wanted[m.name], m.vm, limits[m.name]) for m in keep]
+                        + self._entries(added))
+        except HvError as exc:
+            await self._detach(added)
+            self.log.write("reload_refused", error=str(exc))
+            self.notify(f"reload refused, the running configuration stays: {exc}")
+            return
+        removed = [m for m in self.vms if m.name not in wanted or m.name in replaced]
+        for m in removed:
+            if m.paused_by_hv:
+                with contextlib.suppress(HvError, asyncio.TimeoutError):
+                    await asyncio.wait_for(resume(self._context(), m, why="removed from config"),
+                                           STOP_TIMEOUT_S)
+            await self._forget(m)
+        for m in keep:
+            m.cfg, m.max_bytes = wanted[m.name], limits[m.name]
+        self.waiting = {n: c for n, c in self.waiting.items() if n in wanted and n not in replaced}
+        for m in added:
+            self.vms.append(m)
+            self._start_sampler(m)
+        old_host, self.config = self.config.host, new
+        if (new.host.managed_bytes, new.host.thresholds, new.host.hysteresis_pct) != (
+                old_host.managed_bytes, old_host.thresholds, old_host.hysteresis_pct):
+            self.tracker = self._tracker(new, self.tracker.state if self.tracker else MemState.HIGH)
+        self.log.write("reload", config=new.source, added=[m.name for m in added],
+                       removed=[m.name for m in removed], vms=[m.name for m in self.vms])
+        self.notify(f"configuration reloaded: {len(self.vms)} VMs managed")
+
+    def _context(self) -> Context:
+        assert self.ctx is not None
+        return self.ctx
+
+    def _socket_key(self, cfg: VMConfig) -> str:
+        return os.path.realpath(cfg.socket) if cfg.socket is not None else f"name:{cfg.name}"
+
+    # -- stop ----------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """Leave every VM running and unpaused, KSM restored, estimators saved."""
+        if self._lock is None:
+            return  # never started: nothing of ours to undo (another hv may own the files)
+        tasks = [t for t in self._reattaching.values() if not t.done()]
+        for m in self.vms:
+            tasks += [t for t in (m.sampler_task, m.job) if t is not None and not t.done()]
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), STOP_TIMEOUT_S)
+        if self.ctx is not None:
+            paused = [m for m in self.vms if m.paused_by_hv]
+            results = await asyncio.gather(
+                *(asyncio.wait_for(resume(self.ctx, m, why="hv stopping"), STOP_TIMEOUT_S)
+                  for m in paused), return_exceptions=True)
+            for m, res in zip(paused, results):
+                if isinstance(res, BaseException):
+                    self.notify(f"{m.name}: cannot resume ({res or 'no answer'}); "
+                                "the guardian will try")
+        for m in self.vms:
+            if m.estimator.periods:
+                with contextlib.suppress(OSError):
+                    save_estimator(m)
+        if self.sharing is not None:
+            await self.sharing.stop()
+        await self._detach(self.vms)
+        status.status_file().unlink(missing_ok=True)
+        if self._guard_owned and self.guard.empty:
+            # What is left in a non-empty file (a VM hv could not resume) is for the
+            # guardian or the next hv to undo.
+            self.guard.path.unlink(missing_ok=True)
+        if self.ctx is not None:
+            self.log.write("stop", ticks=self.ticks)
+            self.log.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    @staticmethod
+    async def _detach(vms: list[ManagedVM]) -> None:
+        """Close connections, all at once and within the stop timeout."""
+        if vms:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(m.vm.detach() for m in vms),
+                                                      return_exceptions=True), STOP_TIMEOUT_S)

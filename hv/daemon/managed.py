@@ -1,0 +1,79 @@
+"""One VM under management, and what the daemon's parts share about it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hv.eventlog import EventLog
+from hv.guardian import GuardFile
+from hv.policy import VMConfig, WorkingSetEstimator
+from hv.policy.guest import HiddenEstimate
+from hv.policy.reclaim import BalloonProgress
+from hv.policy.vmtime import VMClock
+from hv.qemu.vm import VM, GuestStats
+
+__all__ = ["Context", "Reading", "ManagedVM"]
+
+
+@dataclass
+class Context:
+    """What every part of the daemon writes to: the event log, the guard file, the operator."""
+
+    log: EventLog
+    guard: GuardFile
+    notify: Callable[[str], None]
+
+
+@dataclass
+class Reading:
+    """One collection for one VM."""
+
+    balloon_bytes: int
+    resident_bytes: int
+    swap_bytes: int
+    run_state: str
+    guest: GuestStats
+    at_s: float  # monotonic time the collection finished
+
+
+@dataclass
+class ManagedVM:
+    """One VM under management and what hv knows about it."""
+
+    cfg: VMConfig
+    vm: VM
+    max_bytes: int
+    estimator: WorkingSetEstimator
+    estimator_file: Path
+    pid: int
+    measured_pages: int = 0  # sampleable pages at the last valid sample
+    hidden: HiddenEstimate = field(default_factory=HiddenEstimate)
+    report_at: float | None = None  # wall time of the last guest report counted
+    need_bytes: int | None = None  # what the guest needs, from a trusted fresh report
+    report_problem: str | None = None  # why the last report was rejected (logged once)
+    last_actual: int | None = None  # balloon actual at the previous collection
+    reading: Reading | None = None
+    failing: str | None = None  # why collection fails (logged once)
+    gone: str | None = None  # set when the QEMU exited
+    target_bytes: int | None = None
+    balloon_asked: int | None = None
+    progress: BalloonProgress = field(default_factory=BalloonProgress)
+    paused_by_hv: bool = False
+    job: asyncio.Task[None] | None = None  # the one QMP job (collect or act) in flight
+    sampler_task: asyncio.Task[None] | None = None
+    clock: VMClock = field(default_factory=VMClock)
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def busy(self) -> bool:
+        """A QMP job of this VM is still running (a slow or hung QEMU)."""
+        return self.job is not None and not self.job.done()

@@ -1,0 +1,165 @@
+"""The KSM service: hv's sharing scan and the KSM governor own KSM while hv runs.
+
+Rounds: scan every VM (hashes of present, unmerged pages), rebuild the ESX sharing
+table, let the governor set ksmd's rate from the backlog of unmerged duplicates.
+hv's own scan has a CPU budget: the next round waits at least the round's CPU time
+divided by :data:`SCAN_CPU_BUDGET_CORES`, whatever the interval.
+
+Share before swap: under pressure (:meth:`SharingService.press`) the governor runs
+ksmd at its full rate from the last table, with no rescan; swapping waits for it a
+bounded while (:func:`~hv.policy.share_before_swap`).
+
+KSM's tunables are saved before the first change and put back on :meth:`stop`; the
+guard file records that they were raised, so the guardian puts them back if hv dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from hv.daemon.managed import Context
+from hv.errors import HvError
+from hv.host.ksm import Ksm
+from hv.policy import MemState, share_before_swap
+from hv.sharing.governor import Governor
+from hv.sharing.index import SharingIndex
+from hv.sharing.scan import Scanner, Target
+from hv.units import PAGE_SIZE
+
+__all__ = ["SCAN_CPU_BUDGET_CORES", "SharingService"]
+
+# hv's own scan may use 2 % of a core on average: a scan of four 512 MiB guests costs
+# ~0.1 s of CPU, so the default 10 s interval stays inside it, and a host with many
+# large guests scans less often rather than spending more.
+SCAN_CPU_BUDGET_CORES = 0.02
+
+
+class SharingService:
+    """Scan rounds on a budget, the governor, and share before swap."""
+
+    def __init__(self, ctx: Context, interval_s: Callable[[], float],
+                 targets: Callable[[], list[Target]]) -> None:
+        self.ctx = ctx
+        self.interval_s = interval_s
+        self.targets = targets
+        self.ksm: Ksm | None = None
+        self.governor: Governor | None = None
+        self.scanner: Scanner | None = None
+        self.index: SharingIndex | None = None
+        self.error: str | None = None
+        self.pressure = False
+        self.swap_deferred_since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._scan: asyncio.Future[SharingIndex] | None = None
+
+    async def start(self) -> None:
+        """Turn KSM on under the governor (its settings saved first, undone on stop)."""
+        try:
+            self.ksm = Ksm()
+            self.ctx.guard.ksm_raised = True
+            self.ctx.guard.save()  # record before changing, so the guardian undoes it
+            saved = await asyncio.to_thread(self.ksm.save)
+            self.governor = Governor(self.ksm)
+            await asyncio.to_thread(self.governor.start)
+        except HvError as exc:
+            self.error = str(exc)
+            self.ctx.log.write("ksm_unavailable", error=str(exc))
+            self.ctx.notify(f"warning: page sharing off: {exc}")
+            await self.stop()
+            self.governor = None
+            return
+        self.ctx.log.write("ksm_raised", saved=saved,
+                           now=await asyncio.to_thread(self.ksm.tunables))
+        self.scanner = Scanner([], replace_foreign=True)
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        assert self.scanner is not None and self.governor is not None
+        failing: str | None = None
+        while True:
+            cpu0 = self.scanner.scan_cpu_s
+            try:
+                self.scanner.targets = self.targets()
+                # Shielded: a stop waits for the scan thread before closing its files.
+                self._scan = asyncio.ensure_future(asyncio.to_thread(self.scanner.scan_all))
+                self.index = await asyncio.shield(self._scan)
+                decision = await asyncio.to_thread(self.governor.step, self.index, self.pressure)
+                failing = None
+                self.ctx.log.write(
+                    "share", mode=decision.mode.value, reason=decision.reason,
+                    pages_to_scan=decision.setting.pages_to_scan,
+                    sleep_millisecs=decision.setting.sleep_millisecs,
+                    potential_pages=self.index.potential_savings_pages,
+                    realized_pages=self.index.realized_savings_pages,
+                    backlog_pages=self.index.backlog_pages,
+                    scan_cpu_s=round(self.scanner.scan_cpu_s, 3))
+            except Exception as exc:  # noqa: BLE001 - one bad round must not end sharing
+                # Typically a VM that went away mid-scan (the tick drops it); anything
+                # else is logged too, and the next round tries again.
+                if failing != str(exc):
+                    self.ctx.log.write("share_failed", error=str(exc) or repr(exc))
+                failing = str(exc)
+            spent = self.scanner.scan_cpu_s - cpu0
+            await asyncio.sleep(max(self.interval_s(), spent / SCAN_CPU_BUDGET_CORES))
+
+    async def press(self, on: bool) -> None:
+        """Raise (or lower) ksmd's rate for memory pressure, from the last table."""
+        if on == self.pressure:
+            return
+        self.pressure = on
+        if self.governor is None or self.index is None:
+            return
+        try:
+            d = await asyncio.to_thread(self.governor.step, self.index, on)
+        except HvError as exc:
+            self.ctx.log.write("share_failed", error=str(exc))
+            return
+        self.ctx.log.write("ksm_pressure", on=on, pages_to_scan=d.setting.pages_to_scan,
+                           sleep_millisecs=d.setting.sleep_millisecs, reason=d.reason)
+
+    async def advise(self, state: MemState, shortfall_bytes: int) -> bool:
+        """Share before swap: push KSM now; True if swapping should wait for it."""
+        if self.governor is None or self.index is None:
+            return False
+        now = time.monotonic()
+        deferred_for = now - self.swap_deferred_since if self.swap_deferred_since else 0.0
+        advice = share_before_swap(state, self.index.backlog_pages,
+                                   shortfall_bytes // PAGE_SIZE, deferred_for)
+        await self.press(advice.raise_ksm_rate)
+        if advice.defer_swap:
+            if self.swap_deferred_since is None:
+                self.swap_deferred_since = now
+                self.ctx.log.write("swap_deferred", backlog_pages=self.index.backlog_pages,
+                                   state=str(state))
+            return True
+        if self.swap_deferred_since is not None and state < MemState.HARD:
+            self.swap_deferred_since = None
+        return False
+
+    async def stop(self) -> None:
+        """Stop scanning and put KSM's settings back."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self._scan is not None:
+            with contextlib.suppress(Exception):
+                await self._scan
+            self._scan = None
+        if self.scanner is not None:
+            self.scanner.close()
+            self.scanner = None
+        if not self.ctx.guard.ksm_raised:
+            return
+        try:
+            ksm = self.ksm or Ksm()
+            await asyncio.to_thread(ksm.restore)
+            self.ctx.log.write("ksm_restored", now=await asyncio.to_thread(ksm.tunables))
+        except HvError as exc:
+            self.ctx.log.write("ksm_restore_failed", error=str(exc))
+        self.ctx.guard.ksm_raised = False
+        self.ctx.guard.save()
