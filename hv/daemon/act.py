@@ -105,8 +105,7 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) ->
                       actual_bytes=r.balloon_bytes, resident_bytes=r.resident_bytes,
                       need_bytes=m.need_bytes, state=str(state))
 
-    stuck = actions.balloon and m.progress.cannot_reach(now, target, r.resident_bytes,
-                                                         r.balloon_bytes)
+    stuck = actions.balloon and m.progress.cannot_reach(now, target, r.resident_bytes)
     if (actions.swap and not defer_swap) or stuck:
         n = swap_pages_for(r.resident_bytes, target)
         if n:

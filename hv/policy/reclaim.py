@@ -128,40 +128,29 @@ class BalloonProgress:
     """Whether a VM's balloon is getting it to its target.
 
     Fed once per tick with the goal hv wants and the balloon's actual size.  The
-    balloon *cannot reach* the target when the goal itself stops short of it (the
-    guest-need floor), or when the balloon has not moved toward an unreached goal
-    for :data:`BALLOON_STUCK_S` (no driver, a guest that ignores the request, no
-    answer).  Soft then falls back to hypervisor swap for that VM.
+    balloon *cannot reach* the target when the VM has stayed above target for
+    :data:`BALLOON_STUCK_S` with neither a new goal nor progress toward it: the goal
+    stops at the guest-need floor, or the balloon does not move (no driver, a guest
+    that ignores the request, no trustworthy report, no answer).  Soft then falls
+    back to hypervisor swap for that VM.
     """
 
     goal_bytes: int | None = None
-    best_gap_bytes: int | None = None
-    since_s: float | None = None  # when the gap last shrank
+    gap_bytes: int | None = None
+    since_s: float | None = None  # when the goal last changed or the gap last shrank
 
     def update(self, now_s: float, goal_bytes: int, actual_bytes: int) -> None:
         gap = abs(actual_bytes - goal_bytes)
-        if goal_bytes != self.goal_bytes or self.best_gap_bytes is None \
-                or gap + BALLOON_TOLERANCE_BYTES < self.best_gap_bytes:
-            self.goal_bytes, self.best_gap_bytes, self.since_s = goal_bytes, gap, now_s
-            # a new goal starts a new clock, unless the gap is already closed
-        elif gap < self.best_gap_bytes:
-            self.best_gap_bytes = gap
+        new_goal = (self.goal_bytes is None
+                    or abs(goal_bytes - self.goal_bytes) > BALLOON_TOLERANCE_BYTES)
+        progress = self.gap_bytes is not None and gap + BALLOON_TOLERANCE_BYTES < self.gap_bytes
+        if new_goal or progress:
+            self.since_s = now_s
+        if new_goal or progress or self.gap_bytes is None or gap < self.gap_bytes:
+            self.goal_bytes, self.gap_bytes = goal_bytes, gap
 
-    def stuck(self, now_s: float, actual_bytes: int) -> bool:
-        """The balloon is away from its goal and has not moved toward it for a while."""
-        if self.goal_bytes is None or self.since_s is None:
-            return False
-        if abs(actual_bytes - self.goal_bytes) <= BALLOON_TOLERANCE_BYTES:
+    def cannot_reach(self, now_s: float, target_bytes: int, resident_bytes: int) -> bool:
+        """True if the VM is above target and its balloon has stopped bringing it there."""
+        if resident_bytes <= target_bytes + SWAP_SLACK_BYTES or self.since_s is None:
             return False
         return now_s - self.since_s >= BALLOON_STUCK_S
-
-    def cannot_reach(self, now_s: float, target_bytes: int, resident_bytes: int,
-                     actual_bytes: int) -> bool:
-        """True if the VM is above target and its balloon will not bring it there."""
-        if resident_bytes <= target_bytes + SWAP_SLACK_BYTES:
-            return False
-        if self.goal_bytes is None:
-            return False
-        at_goal = abs(actual_bytes - self.goal_bytes) <= BALLOON_TOLERANCE_BYTES
-        # At its goal and still above target: the goal stopped at the floor.
-        return at_goal or self.stuck(now_s, actual_bytes)

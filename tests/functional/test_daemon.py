@@ -53,9 +53,12 @@ def last_tick(hv: HvRun, vm: str) -> dict[str, Any]:
 
 
 def test_overcommit_balloon_swap_pause(guests, host_swap, state_dir, tmp_path):  # type: ignore[no-untyped-def]
-    idle = guests.launch("idle1", mem="256M", workload="idle")
+    # The idle guest wrote 150 MiB and freed it: the host still backs it (resident),
+    # which is what ballooning it gives back.
+    idle = guests.launch("idle1", mem="256M", workload="hog", hog_mib=150, hog_hold_s=1)
     act = guests.launch("act1", mem="256M", workload="toucher", alloc_mib=100, ws=100)
     guests.wait_event(act, "toucher_filled", timeout_s=60)
+    guests.wait_event(idle, "hog_freed", timeout_s=60)
     # Room to grow for the active guest (its own need is ~190 MiB: 100 MiB working
     # set, the guest kernel and its boot reserve, 32 MiB headroom).
     done = hv_cli("balloon", "act1", "224M", "--wait", "30")

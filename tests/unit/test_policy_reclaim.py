@@ -82,20 +82,25 @@ def test_balloon_progress_sees_a_stuck_balloon_and_a_floor() -> None:
     target, resident = 300 * MiB, 700 * MiB
     # A balloon asked to 600 MiB that never moves from 1 GiB (no driver, no answer).
     p.update(0.0, 600 * MiB, GiB)
-    assert not p.cannot_reach(1.0, target, resident, GiB)
+    assert not p.cannot_reach(1.0, target, resident)
     p.update(BALLOON_STUCK_S / 2, 600 * MiB, GiB)
-    assert not p.cannot_reach(BALLOON_STUCK_S / 2, target, resident, GiB)
+    assert not p.cannot_reach(BALLOON_STUCK_S / 2, target, resident)
     p.update(BALLOON_STUCK_S + 1, 600 * MiB, GiB)
-    assert p.cannot_reach(BALLOON_STUCK_S + 1, target, resident, GiB)
+    assert p.cannot_reach(BALLOON_STUCK_S + 1, target, resident)
     # A moving balloon is not stuck: progress restarts the clock.
     p.update(BALLOON_STUCK_S + 2, 600 * MiB, 900 * MiB)
-    assert not p.cannot_reach(BALLOON_STUCK_S + 3, target, resident, 900 * MiB)
-    # At its goal but still above target: the goal stopped at the guest-need floor.
+    assert not p.cannot_reach(BALLOON_STUCK_S + 3, target, resident)
+    # At its goal but still above target for a while: the goal stopped at the floor.
     q = BalloonProgress()
     q.update(0.0, 600 * MiB, 600 * MiB)
-    assert q.cannot_reach(0.0, target, resident, 600 * MiB)
+    assert not q.cannot_reach(1.0, target, resident)
+    q.update(BALLOON_STUCK_S, 600 * MiB, 600 * MiB)
+    assert q.cannot_reach(BALLOON_STUCK_S, target, resident)
     # At target: nothing to reach.
-    assert not q.cannot_reach(0.0, target, target, 600 * MiB)
+    assert not q.cannot_reach(BALLOON_STUCK_S, target, target)
+    # A new goal restarts the clock.
+    q.update(BALLOON_STUCK_S + 1, 400 * MiB, 600 * MiB)
+    assert not q.cannot_reach(BALLOON_STUCK_S + 2, target, resident)
 
 
 def report(total_mib: int | None, available_mib: int | None, free_mib: int | None = None,
