@@ -245,15 +245,17 @@ class Sampler:
 
 
 async def follow_vm_time(clock: VMClock, pid: int, running: Callable[[], Awaitable[bool]],
-                         interval_s: float = POLL_MAX_S, vm_name: str = "") -> None:
+                         interval_s: float = POLL_MAX_S, vm_name: str = "",
+                         vcpu_tids: Sequence[int] | None = None) -> None:
     """Feed ``clock`` forever, one observation per ``interval_s`` (run as a task).
 
     ``running`` tells whether QEMU's run state is ``running`` (QMP ``query-status``);
-    the run-queue wait comes from ``/proc`` (:func:`hv.host.proc.vcpu_runqueue_wait_s`).
+    the run-queue wait comes from ``/proc`` (:func:`hv.host.proc.vcpu_runqueue_wait_s`,
+    over ``vcpu_tids`` if known, else the threads QEMU names as vCPUs).
     Raises :class:`~hv.errors.VMGone` once the process has gone.
     """
     while True:
         is_running = await running()
-        wait_s = proc.vcpu_runqueue_wait_s(pid, vm_name)
+        wait_s = proc.vcpu_runqueue_wait_s(pid, vm_name, vcpu_tids)
         clock.observe(time.monotonic(), is_running, wait_s)
         await asyncio.sleep(interval_s)

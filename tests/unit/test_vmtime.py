@@ -4,13 +4,20 @@ periods that count it (hv.sampler.Sampler.period, with the page work faked)."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hv.errors import VMGone
+from hv.host import proc
 from hv.policy.vmtime import MAX_INTERVAL_S, VMClock
 from hv.sampler import MAX_STRETCH, MIN_VM_FRACTION, SampleResult, Sampler
 
@@ -177,3 +184,75 @@ def test_a_cancelled_period_leaves_the_sampler_ready_for_the_next() -> None:
 
     asyncio.run(go())
     assert not sampler.running
+
+
+# -- the run-queue wait of vCPU threads, read from this host's real /proc ------------
+
+PR_SET_NAME = 15  # linux/prctl.h
+
+
+def run_delay_s(pid: int, tid: int) -> float:
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
+@pytest.fixture
+def vcpu_named_thread() -> Iterator[int]:
+    """A thread of this process named as QEMU names a vCPU thread; yields its tid."""
+    named = threading.Event()
+    done = threading.Event()
+    tid: list[int] = []
+
+    def body() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.prctl(PR_SET_NAME, b"CPU 0/TCG", 0, 0, 0) == 0
+        tid.append(threading.get_native_id())
+        named.set()
+        done.wait()
+
+    t = threading.Thread(target=body)
+    t.start()
+    try:
+        assert named.wait(10)
+        yield tid[0]
+    finally:
+        done.set()
+        t.join()
+
+
+def test_vcpu_threads_are_found_by_name(vcpu_named_thread: int) -> None:
+    pid = os.getpid()
+    assert proc.vcpu_threads(pid) == [vcpu_named_thread]
+    # A blocked thread's wait does not grow: the mean of one thread is its own.
+    assert proc.vcpu_runqueue_wait_s(pid) == pytest.approx(run_delay_s(pid, vcpu_named_thread))
+    assert proc.vcpu_runqueue_wait_s(pid, tids=[pid]) == pytest.approx(run_delay_s(pid, pid), abs=0.05)
+
+
+def test_unnamed_threads_fall_back_to_the_sum_over_non_main_threads() -> None:
+    # python -c: a main thread plus two sleeping helpers, none named as a vCPU.
+    child = subprocess.Popen([
+        "python3", "-c",
+        "import threading,time\n"
+        "ts=[threading.Thread(target=time.sleep,args=(30,)) for _ in range(2)]\n"
+        "[t.start() for t in ts]\nprint(flush=True)\ntime.sleep(30)"],
+        stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"\n"
+        pid = child.pid
+        assert proc.vcpu_threads(pid) == []
+        helpers = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+        assert len(helpers) == 2
+        expected = sum(run_delay_s(pid, t) for t in helpers)
+        assert proc.vcpu_runqueue_wait_s(pid) == pytest.approx(expected)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_gone_process_is_vm_gone() -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    with pytest.raises(VMGone):
+        proc.vcpu_runqueue_wait_s(child.pid, "vm1")
+    with pytest.raises(VMGone):
+        proc.vcpu_threads(child.pid)
