@@ -31,6 +31,7 @@ ffibuilder.cdef(
     #define HV_PAGE_NOFLAGS ...
     #define HV_SCAN_NO_READ ...
     #define HV_SCAN_ALL_FLAGS ...
+    #define HV_SCAN_PREAD_ONLY ...
 
     struct hv_scan_counts {
         uint64_t pages;
@@ -45,6 +46,9 @@ ffibuilder.cdef(
         uint64_t thp;
         uint64_t vanished;
         uint64_t noflags;
+        uint64_t readvs;
+        uint64_t bytes_readv;
+        uint64_t readv_declined;
     };
 
     int hv_scan(int pid, const uint64_t *starts, const uint64_t *lengths, size_t nranges,

@@ -1,14 +1,23 @@
 /*
  * hv native scanner; see scanner.h for the contract of each function.
  *
- * One scan walks each range in chunks of CHUNK_PAGES pages:
+ * One scan walks each range in chunks of CHUNK_PAGES pages (one read window
+ * of batch_bytes when process_vm_readv is in use, see scan_chunk):
  *   1. pread the chunk's /proc/PID/pagemap entries;
  *   2. pread /proc/kpageflags for the present frames that may be shared (see
- *      scanner.h), coalescing nearby frame numbers into one read (sorted by
- *      frame when they are not ascending);
- *   3. pread /proc/PID/mem for runs of present pages that are neither KSM nor
- *      the zero page (up to batch_bytes per call) and hash each 4 KiB page with
- *      XXH3-64; a page whose hash is that of a zero page is compared with zeros.
+ *      scanner.h) and for the candidates for process_vm_readv, coalescing
+ *      nearby frame numbers into one read (sorted by frame in large chunks);
+ *   3. read the content of present pages that are neither KSM nor the zero
+ *      page, in windows of batch_bytes, and hash each 4 KiB page with XXH3-64;
+ *      a page whose hash is that of a zero page is compared with zeros.
+ *
+ * Step 3 has two ways to read (the choice is explained at scan_chunk):
+ *   - process_vm_readv for pages that pagemap shows mapped exclusively and
+ *     kpageflags shows not KSM, both read just before (a chunk is then one
+ *     read window): the kernel copies each page once, straight into our buffer;
+ *   - pread on /proc/PID/mem for every other page: the kernel copies each page
+ *     twice (into a kernel bounce page, then to us), but never pins it, so a
+ *     KSM page that slipped through stays merged.
  * A page that can no longer be read in step 3 (unmapped meanwhile) is marked
  * HV_PAGE_VANISHED; a process that exits makes the scan return -ESRCH.
  */
@@ -144,12 +153,22 @@ static int cmp_pfn(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* How step 3 reads a page of the chunk (struct scan.how). */
+enum { HOW_SKIP, HOW_PREAD, HOW_READV };
+
+/* kpf_fetch's mark for a frame whose flags could not be read. */
+#define KPF_UNKNOWN UINT64_MAX
+
 struct scan {
-    int pidfd, pagemap_fd, mem_fd, kpf_fd;
+    int pid, pidfd, pagemap_fd, mem_fd, kpf_fd;
+    int fast;                 /* process_vm_readv allowed for confirmed pages */
     uint64_t *pm;             /* CHUNK_PAGES pagemap entries */
     uint64_t *kpf;            /* KPF_MAX kpageflags entries */
-    struct pfn_index *order;  /* present frames of the chunk */
-    uint8_t *buf;             /* batch_bytes for /proc/PID/mem */
+    uint64_t *kraw;           /* CHUNK_PAGES: kpf_fetch's output, by position in order */
+    struct pfn_index *order;  /* CHUNK_PAGES frames to look up */
+    uint8_t *how;             /* CHUNK_PAGES: HOW_* per page of the chunk */
+    struct iovec *iov;        /* IOV_MAX remote iovecs for process_vm_readv */
+    uint8_t *buf;             /* batch_bytes for the content */
     size_t batch_pages;
     unsigned options;
     uint64_t *hashes;
@@ -158,72 +177,133 @@ struct scan {
     struct hv_scan_counts *c;
 };
 
-/* Step 2: frame flags for the present pages of a chunk (out = first output index). */
-static int chunk_kpageflags(struct scan *s, size_t out, size_t n)
+/* kpageflags of the m frames in order[]: kraw[q] receives the flags of
+ * order[q], or KPF_UNKNOWN past the end of the file.  Frames close together
+ * (within KPF_GAP of the previous one, either way) share one read.  With
+ * `sort`, order[] is sorted by frame first unless it is ascending already:
+ * worth it for the scattered frames of shared pages; the frames of a window of
+ * exclusive pages come in runs (mostly descending, as the page allocator hands
+ * them out) that need no sort. */
+static int kpf_fetch(struct scan *s, size_t m, int sort)
 {
-    size_t m = 0;
-    int sorted = 1;
-    for (size_t i = 0; i < n; i++) {
-        uint16_t f = s->flags[out + i];
-        if (!(f & HV_PAGE_PRESENT))
-            continue;
-        /* Mapped once, anonymous: neither KSM-shared nor the zero page. */
-        if ((f & (HV_PAGE_EXCLUSIVE | HV_PAGE_FILE)) == HV_PAGE_EXCLUSIVE &&
-            !(s->options & HV_SCAN_ALL_FLAGS))
-            continue;
-        uint64_t pfn = s->pfns[out + i];
-        if (s->kpf_fd < 0 || pfn == 0) {
-            s->flags[out + i] |= HV_PAGE_NOFLAGS;
-            s->c->noflags++;
-            continue;
+    if (sort) {
+        for (size_t q = 1; q < m; q++) {
+            if (s->order[q].pfn < s->order[q - 1].pfn) {
+                qsort(s->order, m, sizeof *s->order, cmp_pfn);
+                break;
+            }
         }
-        if (m && pfn < s->order[m - 1].pfn)
-            sorted = 0;
-        s->order[m].pfn = pfn;
-        s->order[m].index = (uint32_t)(out + i);
-        m++;
     }
-    if (!sorted)
-        qsort(s->order, m, sizeof *s->order, cmp_pfn);
-
     for (size_t j = 0; j < m;) {
-        uint64_t lo = s->order[j].pfn;
+        uint64_t lo = s->order[j].pfn, hi = lo;
         size_t k = j + 1;
-        while (k < m && s->order[k].pfn - s->order[k - 1].pfn <= KPF_GAP &&
-               s->order[k].pfn - lo < KPF_MAX)
-            k++;
-        uint64_t span = s->order[k - 1].pfn - lo + 1;
-        ssize_t r = pread_full(s->kpf_fd, s->kpf, span * 8, lo * 8);
+        for (; k < m; k++) {
+            uint64_t p = s->order[k].pfn, prev = s->order[k - 1].pfn;
+            uint64_t step = p > prev ? p - prev : prev - p;
+            uint64_t nlo = p < lo ? p : lo, nhi = p > hi ? p : hi;
+            if (step > KPF_GAP || nhi - nlo >= KPF_MAX)
+                break;
+            lo = nlo;
+            hi = nhi;
+        }
+        ssize_t r = pread_full(s->kpf_fd, s->kpf, (hi - lo + 1) * 8, lo * 8);
         if (r < 0)
             return (int)r;
         uint64_t got = (uint64_t)r / 8;
         for (size_t q = j; q < k; q++) {
             uint64_t rel = s->order[q].pfn - lo;
-            uint32_t idx = s->order[q].index;
-            if (rel >= got) {
-                s->flags[idx] |= HV_PAGE_NOFLAGS;
-                s->c->noflags++;
-                continue;
-            }
-            uint64_t kf = s->kpf[rel];
-            uint16_t f = 0;
-            if (kf & (1ULL << KPF_KSM))
-                f |= HV_PAGE_KSM;
-            if (kf & (1ULL << KPF_ZERO_PAGE))
-                f |= HV_PAGE_ZERO_PAGE | HV_PAGE_ZERO;
-            if (kf & (1ULL << KPF_THP))
-                f |= HV_PAGE_THP;
-            if (kf & (1ULL << KPF_HUGE))
-                f |= HV_PAGE_HUGE;
-            s->flags[idx] |= f;
-            s->c->ksm += !!(f & HV_PAGE_KSM);
-            s->c->zero_page += !!(f & HV_PAGE_ZERO_PAGE);
-            s->c->zero += !!(f & HV_PAGE_ZERO_PAGE);
-            s->c->thp += !!(f & HV_PAGE_THP);
+            s->kraw[q] = rel < got ? s->kpf[rel] : KPF_UNKNOWN;
         }
         j = k;
     }
     return 0;
+}
+
+/*
+ * Step 2: frame flags for the present pages of a chunk (out = first output
+ * index).  Two kinds of page need them: those whose flags are reported (see
+ * scanner.h: pages not mapped exclusively, or all with HV_SCAN_ALL_FLAGS), and
+ * the candidates for process_vm_readv (how[] == HOW_READV), which must not be
+ * KSM pages; a KSM page mapped once goes to pread and stays unreported.
+ */
+static int chunk_kpageflags(struct scan *s, size_t out, size_t n)
+{
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t f = s->flags[out + i];
+        if (!(f & HV_PAGE_PRESENT))
+            continue;
+        /* Mapped once, anonymous: neither KSM-shared nor the zero page. */
+        int report = (f & (HV_PAGE_EXCLUSIVE | HV_PAGE_FILE)) != HV_PAGE_EXCLUSIVE ||
+                     (s->options & HV_SCAN_ALL_FLAGS);
+        if (!report && s->how[i] != HOW_READV)
+            continue;
+        uint64_t pfn = s->pfns[out + i];
+        if (s->kpf_fd < 0 || pfn == 0) {
+            /* (never a readv candidate: those need both) */
+            s->flags[out + i] |= HV_PAGE_NOFLAGS;
+            s->c->noflags++;
+            continue;
+        }
+        s->order[m].pfn = pfn;
+        s->order[m].index = (uint32_t)i;
+        m++;
+    }
+    /* Sorting pays for the scattered frames of a large chunk only; the frames
+     * of a readv window come in runs (see kpf_fetch). */
+    int rc = kpf_fetch(s, m, n > s->batch_pages || !s->fast);
+    if (rc < 0)
+        return rc;
+    for (size_t q = 0; q < m; q++) {
+        uint32_t i = s->order[q].index;
+        uint64_t kf = s->kraw[q];
+        uint16_t f = s->flags[out + i];
+        int report = (f & (HV_PAGE_EXCLUSIVE | HV_PAGE_FILE)) != HV_PAGE_EXCLUSIVE ||
+                     (s->options & HV_SCAN_ALL_FLAGS);
+        if (s->how[i] == HOW_READV &&
+            (kf == KPF_UNKNOWN || (kf & ((1ULL << KPF_KSM) | (1ULL << KPF_ZERO_PAGE))))) {
+            s->how[i] = HOW_PREAD;
+            s->c->readv_declined++;
+        }
+        if (!report)
+            continue;
+        if (kf == KPF_UNKNOWN) {
+            s->flags[out + i] |= HV_PAGE_NOFLAGS;
+            s->c->noflags++;
+            continue;
+        }
+        uint16_t g = 0;
+        if (kf & (1ULL << KPF_KSM))
+            g |= HV_PAGE_KSM;
+        if (kf & (1ULL << KPF_ZERO_PAGE))
+            g |= HV_PAGE_ZERO_PAGE | HV_PAGE_ZERO;
+        if (kf & (1ULL << KPF_THP))
+            g |= HV_PAGE_THP;
+        if (kf & (1ULL << KPF_HUGE))
+            g |= HV_PAGE_HUGE;
+        s->flags[out + i] |= g;
+        s->c->ksm += !!(g & HV_PAGE_KSM);
+        s->c->zero_page += !!(g & HV_PAGE_ZERO_PAGE);
+        s->c->zero += !!(g & HV_PAGE_ZERO_PAGE);
+        s->c->thp += !!(g & HV_PAGE_THP);
+        /* KSM and zero-page mappings are known by their frame: never read. */
+        if (g & (HV_PAGE_KSM | HV_PAGE_ZERO_PAGE))
+            s->how[i] = HOW_SKIP;
+    }
+    return 0;
+}
+
+/* Record the hash of the page at p, read for output index idx. */
+static void hash_page(struct scan *s, const uint8_t *p, size_t idx)
+{
+    uint64_t h = hv_xxh3(p, PAGE_BYTES);
+    uint16_t f = HV_PAGE_READ;
+    if (h == zero_hash && is_zero(p)) {
+        f |= HV_PAGE_ZERO;
+        s->c->zero++;
+    }
+    s->hashes[idx] = h;
+    s->flags[idx] |= f;
 }
 
 /* Step 3 for one run of readable pages: addr, npg pages, first output index out. */
@@ -250,18 +330,8 @@ static int read_run(struct scan *s, uint64_t addr, size_t npg, size_t out)
         }
         s->c->bytes_read += (uint64_t)r;
         size_t full = (size_t)r / PAGE_BYTES;
-        for (size_t j = 0; j < full; j++) {
-            const uint8_t *p = s->buf + j * PAGE_BYTES;
-            uint64_t h = hv_xxh3(p, PAGE_BYTES);
-            size_t idx = out + done + j;
-            uint16_t f = HV_PAGE_READ;
-            if (h == zero_hash && is_zero(p)) {
-                f |= HV_PAGE_ZERO;
-                s->c->zero++;
-            }
-            s->hashes[idx] = h;
-            s->flags[idx] |= f;
-        }
+        for (size_t j = 0; j < full; j++)
+            hash_page(s, s->buf + j * PAGE_BYTES, out + done + j);
         s->c->read += full;
         /* A short read stops at a page that could not be read whole; the
          * next pread starts at that page and finds out why. */
@@ -275,6 +345,126 @@ static int read_run(struct scan *s, uint64_t addr, size_t npg, size_t out)
     return 0;
 }
 
+/* Step 3, fast way: process_vm_readv the HOW_READV pages of chunk pages
+ * [w, w + wn) into buf (IOV_MAX remote iovecs per call) and hash them.  Pages it
+ * cannot read become HOW_PREAD, for pread to read or to find vanished. */
+static int readv_window(struct scan *s, uint64_t addr, size_t w, size_t wn, size_t out)
+{
+    size_t i = 0;
+    while (i < wn) {
+        size_t cnt = 0, npg = 0, end = i;
+        for (; end < wn; end++) {
+            if (s->how[w + end] != HOW_READV)
+                continue;
+            uint64_t a = addr + (w + end) * PAGE_BYTES;
+            if (cnt && (uint64_t)(uintptr_t)s->iov[cnt - 1].iov_base + s->iov[cnt - 1].iov_len == a) {
+                s->iov[cnt - 1].iov_len += PAGE_BYTES;
+            } else {
+                if (cnt == IOV_MAX)
+                    break;
+                s->iov[cnt].iov_base = (void *)(uintptr_t)a;
+                s->iov[cnt].iov_len = PAGE_BYTES;
+                cnt++;
+            }
+            npg++;
+        }
+        if (!npg)
+            return 0;
+        struct iovec local = {.iov_base = s->buf, .iov_len = npg * PAGE_BYTES};
+        ssize_t r;
+        do
+            r = process_vm_readv(s->pid, &local, 1, s->iov, cnt, 0);
+        while (r < 0 && errno == EINTR);
+        s->c->readvs++;
+        if (r < 0) {
+            if (errno == ESRCH)
+                return -ESRCH;
+            /* EFAULT/ENOMEM: the first page is no longer mapped (pread tells
+             * vanished from gone); EPERM, ENOSYS and the like: this scan reads
+             * the rest with pread. */
+            if (errno != EFAULT && errno != ENOMEM)
+                s->fast = 0;
+            r = 0;
+        }
+        /* The kernel copies the remote iovecs in order and stops at the first
+         * page it cannot read: r bytes are whole pages from the start. */
+        size_t full = (size_t)r / PAGE_BYTES, k = 0;
+        s->c->bytes_read += (uint64_t)full * PAGE_BYTES;
+        s->c->bytes_readv += (uint64_t)full * PAGE_BYTES;
+        s->c->read += full;
+        for (size_t c = i; c < end; c++) {
+            if (s->how[w + c] != HOW_READV)
+                continue;
+            if (k < full) {
+                hash_page(s, s->buf + k * PAGE_BYTES, out + w + c);
+                s->how[w + c] = HOW_SKIP;
+            } else {
+                s->how[w + c] = HOW_PREAD;
+                s->c->readv_declined++;
+            }
+            k++;
+        }
+        i = end;
+    }
+    return 0;
+}
+
+/* Step 3 for chunk pages [w, w + wn) (chunk at addr, first output index out):
+ * the readv candidates first, then runs of the others with pread. */
+static int read_window(struct scan *s, uint64_t addr, size_t w, size_t wn, size_t out)
+{
+    int rc = readv_window(s, addr, w, wn, out);
+    if (rc < 0)
+        return rc;
+    for (size_t i = 0; i < wn;) {
+        if (s->how[w + i] != HOW_PREAD) {
+            i++;
+            continue;
+        }
+        size_t j = i + 1;
+        while (j < wn && s->how[w + j] == HOW_PREAD)
+            j++;
+        rc = read_run(s, addr + (w + i) * PAGE_BYTES, j - i, out + w + i);
+        if (rc < 0)
+            return rc;
+        i = j;
+    }
+    return 0;
+}
+
+/*
+ * One chunk of n pages at addr (first output index out): steps 1-3.
+ *
+ * Why process_vm_readv is safe here, and the race it leaves.  It pins each page
+ * it reads, and pinning a *shared* anonymous page (a KSM page, or one still
+ * COW-shared after fork) makes the kernel unshare it: our mapping gets a
+ * private copy, and a KSM merge is undone.  Pinning a page mapped exclusively
+ * leaves it alone.  So a page is read that way only if pagemap shows it present,
+ * anonymous and mapped once (bit 56) and kpageflags shows its frame neither KSM
+ * nor the zero page; all other pages are read with pread on /proc/PID/mem,
+ * which never pins.
+ *
+ * Those flags must still hold when the page is pinned, and ksmd can merge a
+ * page at any time.  So when readv is in use, a chunk is one read window
+ * (batch_bytes, 256 KiB by default): pagemap and kpageflags are read for those
+ * pages only, right before they are read, and are at most one window's scan
+ * old (~50 us here) when a page is pinned.  (Large chunks, kept for
+ * pagemap-only and pread-only scans, would leave ~15 ms.)  A merge inside that
+ * window still costs its merge: the page is unshared, and ksmd merges it again
+ * on a later pass.  The pages lost per scan are about (ksmd's merges per
+ * second) x (window): well under one page at 5,000 merges/s, the fastest
+ * governor setting, and none while ksmd idles.  Checking again after the read
+ * would only find the damage done, and reading the flags a second time before
+ * every pin would cost another pagemap and kpageflags read per page; a small
+ * window costs almost nothing.
+ *
+ * The kpageflags read of exclusive pages is what keeps a KSM page mapped once
+ * (its partners wrote to theirs) from being unshared: it saves no memory, so
+ * pages_sharing would not change, but KSM would lose the page from its stable
+ * tree.  It costs ~5% of memcpy bandwidth in scripts/bench_scanner.py
+ * (kpageflags is ~60-120 ns per frame here); hv pays it to keep the rule that
+ * a frame kpageflags would call KSM is never pinned.
+ */
 static int scan_chunk(struct scan *s, uint64_t addr, size_t n, size_t out)
 {
     uint64_t want = (uint64_t)n * 8;
@@ -290,10 +480,15 @@ static int scan_chunk(struct scan *s, uint64_t addr, size_t n, size_t out)
         uint64_t e = s->pm[i];
         uint16_t f = 0;
         uint64_t pfn = 0;
+        uint8_t how = HOW_SKIP;
         if (e & PM_PRESENT) {
             f |= HV_PAGE_PRESENT;
             pfn = e & PM_PFN_MASK;
             s->c->present++;
+            how = HOW_PREAD;
+            /* readv candidate: mapped once, anonymous; step 2 checks the frame. */
+            if (s->fast && (e & (PM_EXCLUSIVE | PM_FILE)) == PM_EXCLUSIVE && pfn)
+                how = HOW_READV;
         } else if (e & PM_SWAPPED) {
             f |= HV_PAGE_SWAPPED;
             s->c->swapped++;
@@ -305,31 +500,18 @@ static int scan_chunk(struct scan *s, uint64_t addr, size_t n, size_t out)
         s->flags[out + i] = f;
         s->pfns[out + i] = pfn;
         s->hashes[out + i] = 0;
+        s->how[i] = how;
     }
 
     int rc = chunk_kpageflags(s, out, n);
     if (rc < 0 || (s->options & HV_SCAN_NO_READ))
         return rc;
 
-    for (size_t i = 0; i < n;) {
-        uint16_t f = s->flags[out + i];
-        if (!(f & HV_PAGE_PRESENT) || (f & (HV_PAGE_KSM | HV_PAGE_ZERO_PAGE))) {
-            i++;
-            continue;
-        }
-        size_t j = i + 1;
-        while (j < n && j - i < s->batch_pages) {
-            uint16_t g = s->flags[out + j];
-            if (!(g & HV_PAGE_PRESENT) || (g & (HV_PAGE_KSM | HV_PAGE_ZERO_PAGE)))
-                break;
-            j++;
-        }
-        rc = read_run(s, addr + i * PAGE_BYTES, j - i, out + i);
-        if (rc < 0)
-            return rc;
-        i = j;
+    for (size_t w = 0; w < n && rc == 0; w += s->batch_pages) {
+        size_t wn = n - w < s->batch_pages ? n - w : s->batch_pages;
+        rc = read_window(s, addr, w, wn, out);
     }
-    return 0;
+    return rc;
 }
 
 int hv_scan(int pid, const uint64_t *starts, const uint64_t *lengths, size_t nranges,
@@ -346,13 +528,14 @@ int hv_scan(int pid, const uint64_t *starts, const uint64_t *lengths, size_t nra
         return -EINVAL;
     if (batch_bytes == 0)
         batch_bytes = DEFAULT_BATCH;
-    if (batch_bytes < PAGE_BYTES || batch_bytes > MAX_BATCH || (options & ~(HV_SCAN_NO_READ | HV_SCAN_ALL_FLAGS)))
+    if (batch_bytes < PAGE_BYTES || batch_bytes > MAX_BATCH ||
+        (options & ~(HV_SCAN_NO_READ | HV_SCAN_ALL_FLAGS | HV_SCAN_PREAD_ONLY)))
         return -EINVAL;
 
     memset(counts, 0, sizeof *counts);
     counts->pages = npages;
 
-    struct scan s = {.pidfd = -1, .pagemap_fd = -1, .mem_fd = -1, .kpf_fd = -1,
+    struct scan s = {.pid = pid, .pidfd = -1, .pagemap_fd = -1, .mem_fd = -1, .kpf_fd = -1,
                      .hashes = hashes, .flags = flags, .pfns = pfns, .c = counts};
     s.batch_pages = batch_bytes / PAGE_BYTES;
     s.options = options;
@@ -374,22 +557,30 @@ int hv_scan(int pid, const uint64_t *starts, const uint64_t *lengths, size_t nra
     /* Without CAP_SYS_ADMIN there are neither frame numbers nor kpageflags:
      * then every present page is read (pread does not unmerge KSM pages). */
     s.kpf_fd = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
+    /* The fast way needs frame flags to tell KSM pages from the rest. */
+    s.fast = s.kpf_fd >= 0 && !(options & (HV_SCAN_NO_READ | HV_SCAN_PREAD_ONLY));
 
     s.pm = malloc(CHUNK_PAGES * sizeof *s.pm);
     s.kpf = malloc(KPF_MAX * sizeof *s.kpf);
+    s.kraw = malloc(CHUNK_PAGES * sizeof *s.kraw);
     s.order = malloc(CHUNK_PAGES * sizeof *s.order);
-    if (!s.pm || !s.kpf || !s.order || posix_memalign((void **)&s.buf, PAGE_BYTES, batch_bytes)) {
+    s.how = malloc(CHUNK_PAGES * sizeof *s.how);
+    s.iov = malloc(IOV_MAX * sizeof *s.iov);
+    if (!s.pm || !s.kpf || !s.kraw || !s.order || !s.how || !s.iov ||
+        posix_memalign((void **)&s.buf, PAGE_BYTES, batch_bytes)) {
         s.buf = NULL;
         rc = -ENOMEM;
         goto out;
     }
 
+    /* With readv, one chunk is one read window (see scan_chunk). */
+    size_t chunk = s.fast && s.batch_pages < CHUNK_PAGES ? s.batch_pages : CHUNK_PAGES;
     size_t out_index = 0;
     for (size_t i = 0; i < nranges && rc == 0; i++) {
         uint64_t addr = starts[i];
         size_t left = lengths[i] >> PAGE_SHIFT;
         while (left && rc == 0) {
-            size_t n = left < CHUNK_PAGES ? left : CHUNK_PAGES;
+            size_t n = left < chunk ? left : chunk;
             rc = scan_chunk(&s, addr, n, out_index);
             addr += n * PAGE_BYTES;
             out_index += n;
@@ -405,7 +596,10 @@ int hv_scan(int pid, const uint64_t *starts, const uint64_t *lengths, size_t nra
 out:
     free(s.pm);
     free(s.kpf);
+    free(s.kraw);
     free(s.order);
+    free(s.how);
+    free(s.iov);
     free(s.buf);
     if (s.kpf_fd >= 0)
         close(s.kpf_fd);

@@ -6,10 +6,14 @@
  *
  * Reading another process's memory has two traps (see design.md, "Facts of the
  * machines"): reading a page that is not present faults it in, and pinning a
- * KSM page (process_vm_readv) unmerges it.  hv_scan therefore reads
+ * shared anonymous page (process_vm_readv pins what it reads) unshares it, so
+ * one read of a KSM page undoes its merge.  hv_scan therefore reads
  * /proc/PID/pagemap first, /proc/kpageflags for the present frames, and then
- * reads only present, non-KSM, non-zero-page pages through pread() on
- * /proc/PID/mem, which neither pins nor faults present pages.
+ * reads only present, non-KSM, non-zero-page pages: with process_vm_readv (one
+ * copy in the kernel) where a fresh look at pagemap and kpageflags just before
+ * the read shows a page mapped exclusively and not KSM, and with pread() on
+ * /proc/PID/mem (two copies, but it neither pins nor faults present pages)
+ * for every other page.
  */
 #ifndef HV_SCANNER_H
 #define HV_SCANNER_H
@@ -34,13 +38,14 @@
 /* hv_scan options. */
 #define HV_SCAN_NO_READ   0x1  /* pagemap and kpageflags only: no content, no hashes */
 #define HV_SCAN_ALL_FLAGS 0x2  /* kpageflags for every present page, not only shared ones */
+#define HV_SCAN_PREAD_ONLY 0x4 /* read every page through /proc/PID/mem, never process_vm_readv */
 
 struct hv_scan_counts {
     uint64_t pages;      /* pages in the ranges */
     uint64_t present;    /* pagemap present */
     uint64_t swapped;    /* pagemap swapped */
     uint64_t read;       /* read and hashed */
-    uint64_t bytes_read; /* bytes read from /proc/PID/mem */
+    uint64_t bytes_read; /* bytes read, both ways (process_vm_readv and /proc/PID/mem) */
     uint64_t preads;     /* pread() calls on /proc/PID/mem */
     uint64_t ksm;        /* KPF_KSM */
     uint64_t zero;       /* HV_PAGE_ZERO: all-zero content or the zero page */
@@ -48,6 +53,10 @@ struct hv_scan_counts {
     uint64_t thp;        /* KPF_THP */
     uint64_t vanished;   /* present in pagemap, unreadable when read */
     uint64_t noflags;    /* present without frame flags */
+    uint64_t readvs;     /* process_vm_readv() calls */
+    uint64_t bytes_readv; /* of bytes_read, read through process_vm_readv */
+    uint64_t readv_declined; /* exclusive anonymous pages read by pread instead: the fresh
+                              * check found them remapped, shared or KSM, or readv failed */
 };
 
 /*
@@ -57,15 +66,23 @@ struct hv_scan_counts {
  * `npages` = sum(lengths) / 4096 entries.  `batch_bytes` bounds one pread()
  * (0 = default); `options` is a mask of HV_SCAN_*.
  *
- * Reading /proc/kpageflags costs about 200 ns per frame here, as much as
- * reading and hashing the page, so by default it is read only for present pages
- * that pagemap does not mark exclusive (bit 56: mapped once) or marks as file
- * pages: shared pages, KSM pages mapped more than once and zero-page mappings.
- * A KSM page mapped just once shares nothing; it is then read (pread does not
- * unmerge it) and not flagged KSM, and exclusive pages carry no THP/HUGE flag.
- * HV_SCAN_ALL_FLAGS reads the frame flags of every present page.  Returns 0, or -errno: -ESRCH when the process is gone or
- * exits during the scan, -EINVAL for bad arguments, -EPERM/-EACCES without
- * the privilege to read the process.
+ * Reading /proc/kpageflags costs 60-90 ns per frame here, a tenth of reading
+ * and hashing the page, so the frame flags reported are by default those of
+ * present pages that pagemap does not mark exclusive (bit 56: mapped once) or
+ * marks as file pages: shared pages, KSM pages mapped more than once and
+ * zero-page mappings.  A KSM page mapped just once shares nothing; it is
+ * reported unflagged and read (through /proc/PID/mem: pread does not unmerge
+ * it), and exclusive pages carry no THP/HUGE flag.  HV_SCAN_ALL_FLAGS reports
+ * the frame flags of every present page.
+ *
+ * Content is read in windows of batch_bytes.  An exclusive anonymous page is
+ * read with process_vm_readv when, just before the read, its pagemap entry is
+ * still the one the chunk saw (same frame, present, exclusive, anonymous) and
+ * that frame's kpageflags show neither KSM nor the zero page; every other page
+ * is read with pread on /proc/PID/mem.  HV_SCAN_PREAD_ONLY reads everything
+ * with pread.  Returns 0, or -errno: -ESRCH when the process is gone or exits
+ * during the scan, -EINVAL for bad arguments, -EPERM/-EACCES without the
+ * privilege to read the process.
  */
 int hv_scan(int pid, const uint64_t *starts, const uint64_t *lengths, size_t nranges,
             uint64_t *hashes, uint16_t *flags, uint64_t *pfns, size_t npages,

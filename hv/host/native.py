@@ -118,7 +118,7 @@ class ScanResult:
     present: int
     swapped: int
     read: int
-    bytes_read: int
+    bytes_read: int  # both ways: process_vm_readv and pread on /proc/PID/mem
     preads: int
     ksm: int
     zero: int        # all-zero content read, plus zero-page mappings
@@ -126,6 +126,9 @@ class ScanResult:
     thp: int
     vanished: int
     noflags: int
+    readvs: int          # process_vm_readv calls
+    bytes_readv: int     # of bytes_read, read through process_vm_readv (one copy)
+    readv_declined: int  # exclusive pages read by pread instead (remapped, shared, KSM, or readv failed)
 
     def has(self, flag: PageFlags) -> BoolArray:
         """Boolean mask of the pages carrying ``flag``."""
@@ -150,6 +153,7 @@ def scan(
     batch_bytes: int = 0,
     read_content: bool = True,
     all_frame_flags: bool = False,
+    pread_only: bool = False,
     hashes: U64Array | None = None,
     flags: U16Array | None = None,
     pfns: U64Array | None = None,
@@ -159,15 +163,23 @@ def scan(
     Reads pagemap, then kpageflags, then the content of present pages that are
     neither KSM nor the zero page (never faulting a page in, never unmerging).
     Output arrays may be supplied (e.g. mmap-backed) and are filled in place.
-    ``batch_bytes`` bounds one read of /proc/PID/mem (0: the C default).
+    ``batch_bytes`` bounds one read (0: the C default).
     ``read_content=False`` stops after pagemap and kpageflags (no hashes, fast).
+
+    Pages mapped only by this process and not KSM, as a fresh look at pagemap and
+    kpageflags shows just before the read, are read with ``process_vm_readv`` (one
+    copy in the kernel); all others with ``pread`` on /proc/PID/mem, which never pins
+    a page and so never unmerges one (see ``read_window`` in native/scanner.c for
+    the race this leaves and why it is small).  ``pread_only=True`` reads
+    everything through /proc/PID/mem.
 
     /proc/kpageflags costs as much per frame as reading and hashing the page, so
     by default only pages pagemap does not mark exclusive (mapped once,
-    anonymous) get frame flags: shared pages, zero-page mappings and KSM pages
-    mapped more than once.  A KSM page mapped once shares nothing; it is read
-    (harmless with pread) and not flagged KSM; exclusive pages carry no THP
-    flag.  ``all_frame_flags=True`` reads frame flags for every present page.
+    anonymous) are reported with frame flags: shared pages, zero-page mappings and
+    KSM pages mapped more than once.  A KSM page mapped once shares nothing; it is
+    read (through /proc/PID/mem, which does not unmerge it) and not flagged KSM;
+    exclusive pages carry no THP flag.  ``all_frame_flags=True`` reports frame
+    flags for every present page.
     """
     starts, lengths, npages = _ranges(ranges)
     hashes_out: U64Array = _out(hashes, np.uint64, npages, "hashes")
@@ -185,7 +197,8 @@ def scan(
         npages,
         batch_bytes,
         (0 if read_content else int(_lib.HV_SCAN_NO_READ))
-        | (int(_lib.HV_SCAN_ALL_FLAGS) if all_frame_flags else 0),
+        | (int(_lib.HV_SCAN_ALL_FLAGS) if all_frame_flags else 0)
+        | (int(_lib.HV_SCAN_PREAD_ONLY) if pread_only else 0),
         counts,
     )
     _check("scan", pid, int(rc))
@@ -205,6 +218,9 @@ def scan(
         thp=int(counts.thp),
         vanished=int(counts.vanished),
         noflags=int(counts.noflags),
+        readvs=int(counts.readvs),
+        bytes_readv=int(counts.bytes_readv),
+        readv_declined=int(counts.readv_declined),
     )
 
 
