@@ -166,15 +166,22 @@ def test_kill_leaves_guests_running_and_restart_resumes(guests, host_swap, state
     guests.wait_event(act, "toucher_filled", timeout_s=60)
     ksm_before = ksm_snapshot()
     log = tmp_path / "events.jsonl"
-    # One VM in a 150 MiB pool: its target (150 - 44 MiB overhead) is below what it
-    # holds, so in the (forced) low state hv pauses it.
-    config = write_config(tmp_path / "hv.toml", {**HOST, "managed": "150M", "sample_period_s": 2},
-                          {"act2": {"socket": act["socket"], "min": "96M", "max": "256M"}})
-    hv = HvRun(config, log, "--force-state", "low")
+    # First a roomy pool, so act2 runs and is sampled; then (SIGHUP reload) one VM in a
+    # 150 MiB pool: its target (150 - 44 MiB overhead) is below what it holds, so in
+    # the (forced) low state hv pauses it.
+    roomy = {**HOST, "managed": "1G", "sample_period_s": 2}
+    vms = {"act2": {"socket": act["socket"], "min": "96M", "max": "256M"}}
+    config = write_config(tmp_path / "hv.toml", roomy, vms)
+    force = tmp_path / "force"
+    hv = HvRun(config, log, "--force-state-file", str(force))
     guard = state_dir / "daemon" / "guard.json"
     try:
         hv.wait_event("sample", 30, vm="act2")
         hv.wait_event("ksm_raised", 30)
+        write_config(config, {**roomy, "managed": "150M"}, vms)
+        force.write_text("low")
+        hv.proc.send_signal(signal.SIGHUP)
+        hv.wait_event("reload", 20)
 
         def paused_now() -> bool:
             hv.check_alive()
