@@ -55,12 +55,15 @@ sample_pages = 200
 
 [vm.idle1]
 min = "160M"
+max = "768M"
 
 [vm.idle2]
 min = "160M"
+max = "768M"
 
 [vm.active1]
 min = "160M"
+max = "512M"
 TOML
 "$hv" run --config "$work/hv.toml" &
 hvpid=$!
