@@ -92,7 +92,8 @@ def command_line(spec: GuestSpec, where: Path, kernel: Path, initrd: Path) -> li
                f"deflate-on-oom={'on' if spec.deflate_on_oom else 'off'},"
                f"free-page-reporting={'on' if spec.free_page_reporting else 'off'}")
     return [
-        QEMU, "-name", spec.name, "-accel", spec.accel,
+        # debug-threads names the vCPU threads ("CPU 0/TCG"), so hv finds their run-queue wait.
+        QEMU, "-name", f"{spec.name},debug-threads=on", "-accel", spec.accel,
         "-cpu", "host" if spec.accel == "kvm" else "max",
         "-machine", "pc,memory-backend=ram0", "-smp", str(spec.cpus), "-m", f"{mem_mib}M",
         "-object", f"memory-backend-ram,id=ram0,size={mem_mib}M,merge=on",

@@ -98,7 +98,8 @@ def ident(pages: int = 8, vm: str = "g1") -> Identity:
 def scan_result(hashes: list[int], flags: list[int], pfns: list[int] | None = None) -> ScanResult:
     n = len(hashes)
     return ScanResult(np.array(hashes, dtype=np.uint64), np.array(flags, dtype=np.uint16),
-                      np.array(pfns or [0] * n, dtype=np.uint64), n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+                      np.array(pfns or [0] * n, dtype=np.uint64), n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                      0, 0, 0)
 
 
 def test_update_counts_stable_scans_and_resets_on_change(tmp_path: Path) -> None:
