@@ -95,3 +95,54 @@ def test_present_of_a_kernel_address_is_not_process_gone() -> None:
         native.present(os.getpid(), [0xFFFF_8000_0000_0000])
     assert not isinstance(err.value, native.ProcessGone)
     assert err.value.errno == errno.EINVAL
+
+
+def test_readv_and_pread_scans_agree() -> None:
+    """Exclusive anonymous pages go through process_vm_readv; pread_only reads them all
+    through /proc/PID/mem; hashes and flags are the same either way."""
+    n = 64
+    m = mmap.mmap(-1, n * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
+    view = np.frombuffer(m, dtype=np.uint8)
+    base = int(view.ctypes.data)
+    view[:] = np.random.default_rng(4).integers(0, 256, size=n * PAGE_SIZE, dtype=np.uint8)
+    view[3 * PAGE_SIZE:4 * PAGE_SIZE] = 0
+    ranges = [(base, n * PAGE_SIZE)]
+    fast = native.scan(os.getpid(), ranges, batch_bytes=16 * PAGE_SIZE)
+    slow = native.scan(os.getpid(), ranges, pread_only=True)
+    assert np.array_equal(fast.hashes, slow.hashes) and np.array_equal(fast.flags, slow.flags)
+    assert fast.read == slow.read == n and fast.zero == slow.zero == 1
+    assert fast.bytes_read == slow.bytes_read == n * PAGE_SIZE
+    assert fast.bytes_readv == n * PAGE_SIZE and fast.readvs == n // 16 and fast.readv_declined == 0
+    assert slow.bytes_readv == 0 and slow.readvs == 0 and slow.preads >= 1
+    raw = view.tobytes()
+    assert int(fast.hashes[5]) == xxhash.xxh3_64_intdigest(raw[5 * PAGE_SIZE:6 * PAGE_SIZE])
+    del view
+    m.close()
+
+
+def test_pages_shared_after_fork_are_read_with_pread() -> None:
+    """A page COW-shared with a child is not exclusive: never pinned (that would unshare it)."""
+    n = 8
+    m = mmap.mmap(-1, n * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_NOHUGEPAGE)
+    view = np.frombuffer(m, dtype=np.uint8)
+    view[:] = 7
+    base = int(view.ctypes.data)
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child only waits
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        res = native.scan(os.getpid(), [(base, n * PAGE_SIZE)])
+        assert not res.has(PageFlags.EXCLUSIVE).any()
+        assert res.read == n and res.bytes_readv == 0 and res.readvs == 0
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(child, 0)
+    del view
+    m.close()
