@@ -2,7 +2,7 @@
 # hv's main job on real guests, end to end, under real host memory pressure (run as root
 # on Debian 12):
 #   1. set up (scripts/setup.sh: packages, .venv, guest kernel and image);
-#   2. launch two idle guests that wrote 500 MiB each and freed it (the host still backs
+#   2. launch two idle guests that wrote 600 MiB each and freed it (the host still backs
 #      it) and an active one (a toucher with a 200 MiB working set);
 #   3. create host swap if there is none (sampler and hypervisor swap need it);
 #   4. start `hv run` with the DEFAULT [host] section (the whole host, no forced state);
@@ -39,7 +39,7 @@ wait_console() {
     echo "demo: $1 never printed event=$2" >&2; exit 1
 }
 
-"$hv" launch -n 2 -p idle -m 768M -w hog --param hog_mib=500 --param hog_hold_s=1
+"$hv" launch -n 2 -p idle -m 768M -w hog --param hog_mib=600 --param hog_hold_s=1
 "$hv" launch -n 1 -p active -m 512M -w toucher --param alloc_mib=220 --param ws=200
 wait_console idle1 hog_freed; wait_console idle2 hog_freed; wait_console active1 toucher_filled
 # Admission reserves max - min of every VM in swap: (768-160)*2 + (512-160) MiB.

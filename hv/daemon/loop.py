@@ -7,9 +7,9 @@ Each tick (``host.poll_interval_s``):
    nobody else by more than that, and is simply left out until it answers.
 2. **decide** — free memory and the state (:class:`~hv.policy.StateTracker`; a
    forced state, for drills, can only make it worse); the **pool** the VMs share,
-   which is what they hold now plus free memory above the high threshold
-   (:func:`~hv.policy.reclaim.pool_bytes`), so targets shrink as soon as free memory
-   falls and reclamation brings it back above the high threshold; every VM's target
+   which is what they hold now plus free memory above the high threshold and its
+   hysteresis (:func:`~hv.policy.reclaim.pool_bytes`), so targets shrink as soon as
+   free memory falls and reclamation brings the host back to high; every VM's target
    by min-funding revocation with the idle memory tax (:func:`~hv.policy.compute_targets`).
 3. **act** (:mod:`hv.daemon.act`) — each VM's actions run as its own job too.
 
@@ -87,6 +87,10 @@ REATTACH_INTERVAL_S = 2.0
 # so SIGTERM is handled within 2 s even with a hung QEMU (the guardian and the next
 # hv resume what could not be resumed now).
 STOP_TIMEOUT_S = 1.5
+
+# Closing a healthy connection takes milliseconds: even when a hung QEMU's resume used
+# the whole stop timeout, the other connections get this long to close.
+CLOSE_MIN_S = 0.2
 
 
 def parse_state(text: str) -> MemState:
@@ -363,10 +367,12 @@ class Daemon:
                     self._bad_force_text = text
         return self.options.force_state
 
-    async def _wait_jobs(self, timeout_s: float) -> None:
-        jobs = [m.job for m in self.vms if m.job is not None and not m.job.done()]
-        if jobs:
-            await asyncio.wait(jobs, timeout=timeout_s)
+    async def _wait_jobs(self, jobs: list[asyncio.Task[None]], timeout_s: float) -> None:
+        """Wait for this phase's jobs only: waiting for a hung QEMU's job from an earlier
+        tick too would cost every tick the whole wait, slowing every VM's ticks."""
+        pending = [j for j in jobs if not j.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
         for m in list(self.vms):
             if m.gone is not None:
                 await self._drop(m, m.gone)
@@ -380,10 +386,12 @@ class Daemon:
         half = host.poll_interval_s / 2
 
         # 1. collect: each VM's job; a VM still busy from before is not asked again.
+        jobs: list[asyncio.Task[None]] = []
         for m in self.vms:
             if not m.busy:
                 m.job = asyncio.create_task(collect(self.ctx, m))
-        await self._wait_jobs(half)
+                jobs.append(m.job)
+        await self._wait_jobs(jobs, half)
         self._reattach()
 
         # 2. decide
@@ -402,7 +410,7 @@ class Daemon:
             self.state = state
         held_fresh = sum(held[m.name] for m in fresh)
         bound = host.managed_bytes - overheads - (sum(held.values()) - held_fresh)
-        pool = pool_bytes(held_fresh, free, self.tracker.threshold_bytes(MemState.HIGH), bound)
+        pool = pool_bytes(held_fresh, free, self.tracker.free_goal_bytes(), bound)
         demands = []
         for m in fresh:
             assert m.reading is not None
@@ -418,10 +426,12 @@ class Daemon:
         defer_swap = False
         if self.sharing is not None:
             defer_swap = await self.sharing.advise(state, self.tracker.shortfall_bytes(free))
+        jobs = []
         for m in fresh:
             if not m.busy:
                 m.job = asyncio.create_task(act(self.ctx, m, state, defer_swap))
-        await self._wait_jobs(host.poll_interval_s if self.options.once else half)
+                jobs.append(m.job)
+        await self._wait_jobs(jobs, host.poll_interval_s if self.options.once else half)
 
         self._record(state, real, free, pool, [m for m in fresh if m in self.vms])
         self.ticks += 1
@@ -583,6 +593,7 @@ class Daemon:
             t.cancel()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), STOP_TIMEOUT_S)
+        stop_by = time.monotonic() + STOP_TIMEOUT_S  # resuming and closing, together
         if self.ctx is not None:
             paused = [m for m in self.vms if m.paused_by_hv]
             results = await asyncio.gather(
@@ -598,7 +609,7 @@ class Daemon:
                     save_estimator(m)
         if self.sharing is not None:
             await self.sharing.stop()
-        await self._detach(self.vms)
+        await self._detach(self.vms, max(CLOSE_MIN_S, stop_by - time.monotonic()))
         status.status_file().unlink(missing_ok=True)
         if self._guard_owned and self.guard.empty:
             # What is left in a non-empty file (a VM hv could not resume) is for the
@@ -612,9 +623,9 @@ class Daemon:
             self._lock = None
 
     @staticmethod
-    async def _detach(vms: list[ManagedVM]) -> None:
-        """Close connections, all at once and within the stop timeout."""
+    async def _detach(vms: list[ManagedVM], timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Close connections, all at once and within ``timeout_s``."""
         if vms:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(m.vm.detach() for m in vms),
-                                                      return_exceptions=True), STOP_TIMEOUT_S)
+                                                      return_exceptions=True), timeout_s)

@@ -6,8 +6,10 @@ Pure rules of ``hv run`` (no I/O), in the order a tick uses them:
   or less when ``host.managed`` bounds the pool);
 - :func:`pool_bytes` — the memory the managed VMs share: what they hold now plus
   free memory above the high threshold (paper, section 6.3: targets are sized so
-  that free memory returns above the high threshold).  Memory used by other host
-  processes is outside the pool, and the pool shrinks as soon as free memory falls;
+  that free memory returns above the high threshold; hv aims at the threshold plus
+  the hysteresis, so reclamation ends back in the high state instead of hovering at
+  its edge, squeezing the VMs every tick).  Memory used by other host processes is
+  outside the pool, and the pool shrinks as soon as free memory falls;
 - :func:`policy_active_fraction` — the sampler's fraction as a fraction of the
   allocation the policy charges;
 - :func:`balloon_goal` — the balloon size that brings a VM's *host* memory to its
@@ -66,14 +68,15 @@ def pool_free_bytes(mem_available_bytes: int, managed_bytes: int, vm_used_bytes:
     return max(0, min(mem_available_bytes, managed_bytes - vm_used_bytes))
 
 
-def pool_bytes(held_bytes: int, free_bytes: int, high_threshold_bytes: float,
+def pool_bytes(held_bytes: int, free_bytes: int, free_goal_bytes: float,
                bound_bytes: int) -> int:
-    """Memory the VMs share: ``held + (free - high)``, at most ``bound_bytes``.
+    """Memory the VMs share: ``held + (free - goal)``, at most ``bound_bytes``.
 
-    Below the high threshold the pool is smaller than what the VMs hold, by exactly
-    the memory to reclaim; above it, the VMs may grow into the surplus.
+    ``free_goal_bytes`` is the free memory reclamation aims for (the high threshold
+    plus the hysteresis).  Below it the pool is smaller than what the VMs hold, by
+    exactly the memory to reclaim; above it, the VMs may grow into the surplus.
     """
-    pool = held_bytes + free_bytes - int(high_threshold_bytes)
+    pool = held_bytes + free_bytes - int(free_goal_bytes)
     return max(0, min(pool, bound_bytes))
 
 

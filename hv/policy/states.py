@@ -137,6 +137,14 @@ class StateTracker:
         """The threshold of ``state`` in bytes."""
         return self.managed_bytes * self.thresholds.pct(state) / 100.0
 
+    def free_goal_bytes(self) -> float:
+        """Free memory reclamation aims for: enough to return to ``HIGH``.
+
+        The high threshold plus the hysteresis: aiming at the threshold itself would
+        leave the host hovering just under it, in ``SOFT`` for good.
+        """
+        return self.threshold_bytes(MemState.HIGH) + self.managed_bytes * self.hysteresis_pct / 100.0
+
     def shortfall_bytes(self, free_bytes: int) -> int:
         """Bytes to reclaim to bring free memory back above the high threshold.
 

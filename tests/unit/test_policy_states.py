@@ -200,3 +200,13 @@ def test_pause_uses_the_same_slack_as_swapping() -> None:
     assert not should_pause(MemState.LOW, 103 * mib, 100 * mib, 4 * mib)  # within slack
     assert should_pause(MemState.LOW, 103 * mib, 100 * mib)  # no slack given
     assert not should_pause(MemState.HARD, 200 * mib, 100 * mib, 4 * mib)
+
+
+def test_free_goal_is_high_plus_hysteresis_so_reclaim_returns_to_high() -> None:
+    from hv.policy.states import StateTracker
+    t = StateTracker(1000 * 4096, hysteresis_pct=0.5)
+    goal = t.free_goal_bytes()
+    assert goal == pytest.approx(t.threshold_bytes(MemState.HIGH) + 5 * 4096)
+    t.update(int(t.threshold_bytes(MemState.SOFT)) - 1)
+    assert t.state is MemState.SOFT
+    assert t.update(int(goal) + 1) is MemState.HIGH  # reaching the goal ends reclamation
