@@ -13,7 +13,8 @@ By state (:func:`~hv.policy.actions_for`):
 - low: VMs above target are paused until they are at target or the state recovers.
 
 Only what hv paused is hv's to resume: a VM someone else paused keeps its state and
-is left alone; one hv paused that someone else resumed is no longer hv's.
+is left alone; one hv paused that someone else resumed is no longer hv's, and is not
+paused again until the state has left low (it is still ballooned and swapped).
 """
 
 from __future__ import annotations
@@ -81,13 +82,16 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) ->
     assert m.reading is not None and m.target_bytes is not None
     r, target = m.reading, m.target_bytes
     running = r.run_state == "running"
+    actions = actions_for(state)
+    if not actions.pause_above_target:
+        m.pause_overridden = False  # a new low episode may pause it again
     if m.paused_by_hv and running:
         # Someone else resumed it: it is theirs now.
         _forget_pause(ctx, m)
+        m.pause_overridden = True
         ctx.log.write("resumed_by_other", vm=m.name)
     if not running and not m.paused_by_hv:
         return  # paused (or stopped) by someone else: keep its state, leave it alone
-    actions = actions_for(state)
     now = time.monotonic()
     info = m.vm.info
 
@@ -115,7 +119,8 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) ->
                           why="balloon cannot reach target" if stuck and not actions.swap
                           else str(state))
 
-    pause = should_pause(state, r.resident_bytes, target, SWAP_SLACK_BYTES)
+    pause = (should_pause(state, r.resident_bytes, target, SWAP_SLACK_BYTES)
+             and not m.pause_overridden)
     if pause and not m.paused_by_hv:
         ctx.guard.paused[m.name] = m.vm.socket_path
         ctx.guard.save()  # record before pausing, so the guardian resumes it

@@ -64,6 +64,7 @@ class ManagedVM:
     balloon_asked: int | None = None
     progress: BalloonProgress = field(default_factory=BalloonProgress)
     paused_by_hv: bool = False
+    pause_overridden: bool = False  # someone resumed what hv paused: not paused again this low
     job: asyncio.Task[None] | None = None  # the one QMP job (collect or act) in flight
     sampler_task: asyncio.Task[None] | None = None
     clock: VMClock = field(default_factory=VMClock)
