@@ -4,6 +4,7 @@ its vCPU threads' run-queue wait."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,32 +62,55 @@ def exe_name(pid: int) -> str:
         return ""
 
 
+# A header line of ``smaps`` ("START-END PERMS OFFSET DEV INODE [PATH]") and the three
+# figures hv reads from the record under it (the kernel's names, in kB).
+_SMAPS_HEADER_RE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) ", re.MULTILINE)
+_SMAPS_FIELD_RE = re.compile(rb"^(Rss|Swap|AnonHugePages):\s+(\d+) kB", re.MULTILINE)
+
+# How much of ``smaps`` one read() asks for: the kernel hands out at most its seq_file
+# buffer (a page, a few VMA records) per call anyway; this only bounds the copy.
+SMAPS_READ_BYTES = 64 * KiB
+
+
 def range_usage(pid: int, start: int, length: int, vm_name: str = "") -> RangeUsage:
     """Sum ``Rss``, ``Swap`` and ``AnonHugePages`` of the VMAs overlapping [start, start+length).
 
     VMAs only partly inside the range are counted whole; QEMU maps guest RAM as one
     VMA (or a few, once split by madvise), so this is exact for guest RAM.
+
+    ``smaps`` lists VMAs by address and the kernel builds it as it is read (walking
+    each VMA's page tables), so the file is read only up to the first VMA past the
+    range, and only the overlapping records are parsed: for a QEMU of ~300 VMAs that
+    is about a tenth of the CPU of reading and parsing the whole file.
     """
     end = start + length
-    rss = swap = huge = 0
-    inside = False
+    totals = {b"Rss": 0, b"Swap": 0, b"AnonHugePages": 0}
+    buf = b""
     try:
-        with open(f"/proc/{pid}/smaps", "rb") as f:
-            for line in f:
-                first = line.split(b" ", 1)[0]
-                if b"-" in first and not first.endswith(b":"):
-                    lo, hi = (int(x, 16) for x in first.split(b"-"))
-                    inside = lo < end and hi > start
-                elif inside:
-                    if first == b"Rss:":
-                        rss += int(line.split()[1]) * KiB
-                    elif first == b"Swap:":
-                        swap += int(line.split()[1]) * KiB
-                    elif first == b"AnonHugePages:":
-                        huge += int(line.split()[1]) * KiB
+        with open(f"/proc/{pid}/smaps", "rb", buffering=0) as f:
+            while True:
+                chunk = f.read(SMAPS_READ_BYTES)
+                buf += chunk
+                heads = list(_SMAPS_HEADER_RE.finditer(buf))
+                # The last record may be cut off by the read: keep it for the next one.
+                complete = len(heads) if not chunk else len(heads) - 1
+                past = False
+                for i in range(complete):
+                    lo, hi = int(heads[i].group(1), 16), int(heads[i].group(2), 16)
+                    if lo >= end:
+                        past = True
+                        break
+                    if hi > start:
+                        stop = heads[i + 1].start() if i + 1 < len(heads) else len(buf)
+                        for field in _SMAPS_FIELD_RE.finditer(buf, heads[i].end(), stop):
+                            totals[field.group(1)] += int(field.group(2)) * KiB
+                if past or not chunk:
+                    break
+                if complete > 0:
+                    buf = buf[heads[complete].start():]
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise VMGone(vm_name or str(pid), f"process {pid} has exited") from exc
-    return RangeUsage(rss, swap, huge)
+    return RangeUsage(totals[b"Rss"], totals[b"Swap"], totals[b"AnonHugePages"])
 
 
 # QEMU names its vCPU threads "CPU N/KVM", "CPU N/TCG" (multi-threaded TCG) or

@@ -128,6 +128,9 @@ class VM:
         self.state = VMState.DETACHED
         self._session = QMPSession(name, socket_path, transcript)
         self._info: VMInfo | None = None
+        # The statistics interval this connection set or found (QEMU keeps it until a
+        # client changes it, and QEMU serves one client at a time): no need to ask again.
+        self._stats_interval_s: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     async def attach(self) -> VMInfo:
@@ -136,6 +139,7 @@ class VM:
             raise VMError(self.name, f"cannot attach a handle that is {self.state.value}")
         await self._session.open()
         self.state = VMState.ATTACHED
+        self._stats_interval_s = None
         try:
             self._info = await self._discover()
         except BaseException:
@@ -275,10 +279,16 @@ class VM:
     async def enable_stats(self, interval_s: int = STATS_POLL_INTERVAL_S) -> None:
         """Ask the guest to send statistics every ``interval_s`` (if not already)."""
         path = self._require_balloon()
-        current = await self._cmd("qom-get", {"path": path, "property": "guest-stats-polling-interval"})
-        if int(current) != interval_s and (int(current) == 0 or int(current) > interval_s):
+        known = self._stats_interval_s
+        if known is not None and 0 < known <= interval_s:
+            return  # asked or checked on this connection already (once per tick saved)
+        current = int(await self._cmd("qom-get", {"path": path,
+                                                  "property": "guest-stats-polling-interval"}))
+        if current != interval_s and (current == 0 or current > interval_s):
             await self._cmd("qom-set", {"path": path, "property": "guest-stats-polling-interval",
                                         "value": interval_s})
+            current = interval_s
+        self._stats_interval_s = current
 
     async def guest_stats(self, wait_s: float = 2 * STATS_POLL_INTERVAL_S + 1,
                           max_age_s: float | None = None) -> GuestStats:
