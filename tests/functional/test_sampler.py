@@ -189,7 +189,8 @@ def test_paused_guest_is_not_read_as_idle(guests, host_swap):  # type: ignore[no
     assert active.discarded is None and active.fraction is not None
     assert active.vm_s is not None and active.wall_s is not None
     assert active.vm_s >= PERIOD_S and active.wall_s >= active.vm_s
-    assert truth > 0.5 and active.fraction >= truth - TOLERANCE, (active, truth)
+    # 96 MiB of ~190 MiB sampleable: about half (how much the guest kernel itself holds varies).
+    assert truth > 0.3 and active.fraction >= truth - TOLERANCE, (active, truth)
 
     wait1_s = proc.vcpu_runqueue_wait_s(busy["pid"])
     assert 0.0 <= wait0_s <= wait1_s

@@ -330,7 +330,12 @@ def test_pageout_across_many_iovecs(victims: list[Victim], swap: Path) -> None:
     addrs = v.info["big"] + PAGE_SIZE * np.arange(0, v.info["big_len"] // PAGE_SIZE, 2, dtype=np.uint64)
     res = native.pageout(v.pid, addrs)
     assert res.advised_bytes == len(addrs) * PAGE_SIZE
-    assert res.invalidated == len(addrs)
+    # Page-out is best effort: a page the kernel holds at that moment (a huge page being
+    # split or migrated) stays.  What matters is that all batches were advised and that
+    # what is reported still present really is.
+    assert res.invalidated >= len(addrs) * 0.99, res.invalidated
+    now = (native.present(v.pid, addrs) & np.uint8(int(native.PageFlags.PRESENT))) != 0
+    assert np.array_equal(now, res.still_present)
 
 
 # --- KSM (optional: needs /sys/kernel/mm/ksm) ---------------------------------
