@@ -69,9 +69,10 @@ MAX_STRETCH = 4.0
 # read as idle, which is the error this guards against.
 MIN_VM_FRACTION = 0.5
 
-# Poll interval while a period runs, at most: the VM clock and touched-so-far are
-# seen within a second, a small cost (one pagemap read of n pages) per poll.
-POLL_MAX_S = 1.0
+# Poll interval while a period runs, at most: growth shows within 3 s of a 30 s period
+# (the tenth below), and per VM a poll (a thread hop and a pagemap read of n pages)
+# costs more than its answer is worth every second.
+POLL_MAX_S = 5.0
 
 # ... and at most this fraction of the period, so short (test) periods still see
 # ten polls and overrun their VM time by no more than a tenth.

@@ -2,16 +2,19 @@
 
 Each tick (``host.poll_interval_s``):
 
-1. **collect** (:mod:`hv.daemon.collect`) — every VM's collection runs as its own job;
-   the tick waits for them at most half a poll interval, so a slow or hung QEMU delays
-   nobody else by more than that, and is simply left out until it answers.
-2. **decide** — free memory and the state (:class:`~hv.policy.StateTracker`; a
-   forced state, for drills, can only make it worse); the **pool** the VMs share,
+1. **free memory and the state** (:class:`~hv.policy.StateTracker`; a forced state,
+   for drills, can only make it worse), read every poll.
+2. **collect** (:mod:`hv.daemon.collect`) — every due VM's collection runs as its own
+   job; the tick waits for them at most half a poll interval, so a slow or hung QEMU
+   delays nobody else by more than that, and is simply left out until it answers.  In
+   the high state a VM that needs nothing is due every ``host.idle_collect_s`` only
+   (most of hv's cost on an idle host); in any worse state every VM is read every poll.
+3. **decide** — the **pool** the VMs share,
    which is what they hold now plus free memory above the high threshold and its
    hysteresis (:func:`~hv.policy.reclaim.pool_bytes`), so targets shrink as soon as
    free memory falls and reclamation brings the host back to high; every VM's target
    by min-funding revocation with the idle memory tax (:func:`~hv.policy.compute_targets`).
-3. **act** (:mod:`hv.daemon.act`) — each VM's actions run as its own job too.
+4. **act** (:mod:`hv.daemon.act`) — each newly read VM's actions run as its own job too.
 
 Beside the ticks: one sampler task per VM (:mod:`hv.daemon.sampling`) and the KSM
 service (:mod:`hv.daemon.sharing`).
@@ -66,7 +69,12 @@ from hv.policy import (
     load_config,
     overhead_bytes,
 )
-from hv.policy.reclaim import policy_active_fraction, pool_bytes, pool_free_bytes
+from hv.policy.reclaim import (
+    BALLOON_TOLERANCE_BYTES,
+    policy_active_fraction,
+    pool_bytes,
+    pool_free_bytes,
+)
 from hv.qemu import launch
 from hv.qemu.vm import VM, VMState, balloon_floor
 from hv.sampler import SamplerUnavailable, check_can_sample
@@ -137,7 +145,6 @@ class Daemon:
         self._lock: IO[str] | None = None
         self._guardian: subprocess.Popen[bytes] | None = None
         self._guard_owned = False
-        self._last_tick_s = 0.0
         self.ticks = 0
 
     @property
@@ -377,30 +384,34 @@ class Daemon:
             if m.gone is not None:
                 await self._drop(m, m.gone)
 
-    async def tick(self) -> None:
-        """One collect-decide-act cycle over every VM."""
-        assert self.config is not None and self.tracker is not None and self.ctx is not None
+    def _due(self, m: ManagedVM, now_s: float) -> bool:
+        """Whether ``m`` is read this tick: always while anything may need doing (a worse
+        state than high, a balloon on its way, a VM hv paused, no reading yet), else every
+        ``host.idle_collect_s``."""
+        r = m.reading
+        if r is None or m.failing is not None or self.state > MemState.HIGH or m.paused_by_hv:
+            return True
+        if m.balloon_asked is not None and abs(r.balloon_bytes - m.balloon_asked) > BALLOON_TOLERANCE_BYTES:
+            return True
+        return now_s >= m.next_collect_s
+
+    def _free(self) -> int:
+        """Free memory of the pool, from the host and what the VMs hold.
+
+        A VM never read yet counts its overhead only: what it holds is in the host's
+        MemAvailable already, and counting its max would put an overcommitted host in
+        low (and pause VMs) on a guess.
+        """
+        assert self.config is not None
         host = self.config.host
-        started = time.monotonic()
-        fresh_since, self._last_tick_s = self._last_tick_s, started
-        half = host.poll_interval_s / 2
+        used = sum((m.reading.resident_bytes if m.reading else 0)
+                   + overhead_bytes(m.max_bytes) for m in self.vms)
+        return pool_free_bytes(host_available_bytes(), host.managed_bytes, used)
 
-        # 1. collect: each VM's job; a VM still busy from before is not asked again.
-        jobs: list[asyncio.Task[None]] = []
-        for m in self.vms:
-            if not m.busy:
-                m.job = asyncio.create_task(collect(self.ctx, m))
-                jobs.append(m.job)
-        await self._wait_jobs(jobs, half)
-        self._reattach()
-
-        # 2. decide
-        fresh = [m for m in self.vms if m.reading is not None and m.failing is None
-                 and m.reading.at_s >= fresh_since]
-        held = {m.name: m.reading.resident_bytes if m.reading else m.max_bytes for m in self.vms}
-        overheads = sum(overhead_bytes(m.max_bytes) for m in self.vms)
-        free = pool_free_bytes(host_available_bytes(), host.managed_bytes,
-                               sum(held.values()) + overheads)
+    def _update_state(self) -> tuple[MemState, MemState, int]:
+        """Read free memory, move the state; (state, real state, free bytes)."""
+        assert self.tracker is not None
+        free = self._free()
         real = self.tracker.update(free)
         forced = self._forced()
         state = max(real, forced) if forced is not None else real
@@ -408,6 +419,44 @@ class Daemon:
             self.log.write("state", state=str(state), previous=str(self.state),
                            real_state=str(real), free_bytes=free)
             self.state = state
+        return state, real, free
+
+    async def tick(self) -> None:
+        """One cycle: free memory and the state; collect the VMs that are due; decide; act."""
+        assert self.config is not None and self.tracker is not None and self.ctx is not None
+        host = self.config.host
+        started = time.monotonic()
+        half = host.poll_interval_s / 2
+
+        # 1. free memory (every poll) and the state, so a worse state makes every VM due
+        # in this very tick.  Until every VM has been read once, what they hold is not
+        # known: then the state waits for this tick's collection.
+        known = all(m.reading is not None for m in self.vms)
+        if known:
+            state, real, free = self._update_state()
+        # 2. collect: each due VM's own job; a VM still busy from before is not asked again.
+        jobs: list[asyncio.Task[None]] = []
+        for m in self.vms:
+            if not m.busy and self._due(m, started):
+                m.job = asyncio.create_task(collect(self.ctx, m))
+                jobs.append(m.job)
+        await self._wait_jobs(jobs, half)
+        self._reattach()
+        if not known:
+            state, real, free = self._update_state()
+        new = [m for m in self.vms if m.reading is not None and m.failing is None
+               and m.reading.at_s > m.decided_s]
+        if not new:
+            self.ticks += 1
+            return  # nothing new to decide on (an idle host between its reads)
+
+        # 3. decide, over every VM with a recent reading.
+        free = self._free()
+        oldest = started - host.idle_collect_s - 3 * host.poll_interval_s
+        fresh = [m for m in self.vms if m.reading is not None and m.failing is None
+                 and m.reading.at_s >= oldest]
+        held = {m.name: m.reading.resident_bytes if m.reading else m.max_bytes for m in self.vms}
+        overheads = sum(overhead_bytes(m.max_bytes) for m in self.vms)
         held_fresh = sum(held[m.name] for m in fresh)
         bound = host.managed_bytes - overheads - (sum(held.values()) - held_fresh)
         pool = pool_bytes(held_fresh, free, self.tracker.free_goal_bytes(), bound)
@@ -422,18 +471,21 @@ class Daemon:
         for m in fresh:
             m.target_bytes = targets[m.name]
 
-        # 3. act: each VM's job, for the VMs not busy with a job from before.
+        # 4. act: each newly read VM's job (not one busy with a job from before).
         defer_swap = False
         if self.sharing is not None:
             defer_swap = await self.sharing.advise(state, self.tracker.shortfall_bytes(free))
         jobs = []
-        for m in fresh:
-            if not m.busy:
+        for m in new:
+            assert m.reading is not None
+            m.decided_s = m.reading.at_s
+            m.next_collect_s = m.reading.at_s + host.idle_collect_s
+            if not m.busy and m in fresh:
                 m.job = asyncio.create_task(act(self.ctx, m, state, defer_swap))
                 jobs.append(m.job)
         await self._wait_jobs(jobs, host.poll_interval_s if self.options.once else half)
 
-        self._record(state, real, free, pool, [m for m in fresh if m in self.vms])
+        self._record(state, real, free, pool, [m for m in new if m in self.vms])
         self.ticks += 1
 
     def _record(self, state: MemState, real: MemState, free: int, pool: int,

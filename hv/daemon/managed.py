@@ -58,6 +58,8 @@ class ManagedVM:
     report_problem: str | None = None  # why the last report was rejected (logged once)
     last_actual: int | None = None  # balloon actual at the previous collection
     reading: Reading | None = None
+    decided_s: float = 0.0  # when the reading last used for a decision was taken
+    next_collect_s: float = 0.0  # when the VM is due again if nothing needs doing
     failing: str | None = None  # why collection fails (logged once)
     gone: str | None = None  # set when the QEMU exited
     target_bytes: int | None = None

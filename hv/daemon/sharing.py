@@ -24,7 +24,7 @@ from hv.daemon.managed import Context
 from hv.errors import HvError
 from hv.host.ksm import Ksm
 from hv.policy import MemState, share_before_swap
-from hv.sharing.governor import Governor
+from hv.sharing.governor import Governor, Mode
 from hv.sharing.index import SharingIndex
 from hv.sharing.scan import Scanner, Target
 from hv.units import PAGE_SIZE
@@ -35,6 +35,15 @@ __all__ = ["SCAN_CPU_BUDGET_CORES", "SharingService"]
 # ~0.1 s of CPU, so the default 10 s interval stays inside it, and a host with many
 # large guests scans less often rather than spending more.
 SCAN_CPU_BUDGET_CORES = 0.02
+
+# While nothing changes (ksmd idle, the sharing potential steady), the interval doubles
+# up to 2 minutes: rescanning idle guests finds nothing new, and at 10 s it was most of
+# hv's CPU on an idle host.  Any change, or memory pressure, brings it back at once.
+MAX_QUIET_INTERVAL_S = 120.0
+
+# The potential counts as steady within 1 % (or 64 pages): hash noise of idle guests.
+STEADY_FRACTION = 0.01
+STEADY_MIN_PAGES = 64
 
 
 class SharingService:
@@ -51,6 +60,8 @@ class SharingService:
         self.index: SharingIndex | None = None
         self.error: str | None = None
         self.pressure = False
+        self.urgent = False  # memory is short (soft or worse): no quiet back-off
+        self._wake = asyncio.Event()
         self.swap_deferred_since: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._scan: asyncio.Future[SharingIndex] | None = None
@@ -76,10 +87,19 @@ class SharingService:
         self.scanner = Scanner([], replace_foreign=True)
         self._task = asyncio.create_task(self._loop())
 
+    def _next_interval(self, interval_s: float, quiet: bool) -> float:
+        base = self.interval_s()
+        if quiet and not self.urgent:
+            return min(max(interval_s, base) * 2, max(base, MAX_QUIET_INTERVAL_S))
+        return base
+
     async def _loop(self) -> None:
         assert self.scanner is not None and self.governor is not None
         failing: str | None = None
+        interval_s = self.interval_s()
+        last_potential: int | None = None
         while True:
+            quiet = False
             cpu0 = self.scanner.scan_cpu_s
             try:
                 self.scanner.targets = self.targets()
@@ -88,6 +108,11 @@ class SharingService:
                 self.index = await asyncio.shield(self._scan)
                 decision = await asyncio.to_thread(self.governor.step, self.index, self.pressure)
                 failing = None
+                potential = self.index.potential_savings_pages
+                quiet = (decision.mode is Mode.IDLE and last_potential is not None
+                         and abs(potential - last_potential)
+                         <= max(STEADY_MIN_PAGES, STEADY_FRACTION * last_potential))
+                last_potential = potential
                 self.ctx.log.write(
                     "share", mode=decision.mode.value, reason=decision.reason,
                     pages_to_scan=decision.setting.pages_to_scan,
@@ -103,7 +128,14 @@ class SharingService:
                     self.ctx.log.write("share_failed", error=str(exc) or repr(exc))
                 failing = str(exc)
             spent = self.scanner.scan_cpu_s - cpu0
-            await asyncio.sleep(max(self.interval_s(), spent / SCAN_CPU_BUDGET_CORES))
+            interval_s = self._next_interval(interval_s, quiet)
+            waited_from = time.monotonic()
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval_s)  # woken by urgency
+            # Woken or not, the CPU budget holds.
+            budget_wait_s = spent / SCAN_CPU_BUDGET_CORES - (time.monotonic() - waited_from)
+            await asyncio.sleep(max(0.0, budget_wait_s))
 
     async def press(self, on: bool) -> None:
         """Raise (or lower) ksmd's rate for memory pressure, from the last table."""
@@ -122,6 +154,10 @@ class SharingService:
 
     async def advise(self, state: MemState, shortfall_bytes: int) -> bool:
         """Share before swap: push KSM now; True if swapping should wait for it."""
+        urgent = state > MemState.HIGH
+        if urgent and not self.urgent:
+            self._wake.set()  # a quiet back-off ends now
+        self.urgent = urgent
         if self.governor is None or self.index is None:
             return False
         now = time.monotonic()

@@ -11,6 +11,7 @@ Example, with every default spelled out::
     hysteresis_pct = 0.5     # margin above a better state's threshold to return to it
     poll_interval_s = 1      # how often free memory is read and targets recomputed
     share_interval_s = 10    # how often pages are scanned for sharing and KSM re-steered; 0: off
+    idle_collect_s = 10      # how often a VM is read while the host is in high and it needs nothing
 
     [vm.web]
     socket = "/run/web/qmp.sock"   # attach to this running QEMU; omit for the guest hv launched as "web"
@@ -47,6 +48,7 @@ __all__ = [
     "DEFAULT_POLL_INTERVAL_S",
     "DEFAULT_SHARES",
     "DEFAULT_SHARE_INTERVAL_S",
+    "DEFAULT_IDLE_COLLECT_S",
     "HostConfig",
     "VMConfig",
     "Config",
@@ -70,6 +72,12 @@ DEFAULT_SHARE_INTERVAL_S = 10.0
 # costs milliseconds: poll every second.
 DEFAULT_POLL_INTERVAL_S = 1.0
 
+# In the high state nothing is reclaimed: a VM that needs nothing (no balloon moving,
+# not paused by hv) is read every 10 s instead of every poll, which is most of hv's
+# cost on an idle host.  Free memory is still read every poll, and a worse state makes
+# every VM due at once; 0 reads every VM every poll.
+DEFAULT_IDLE_COLLECT_S = 10.0
+
 # One value for every VM that does not say, so plain configs share memory equally;
 # only ratios between VMs matter, and 1000 leaves room for finer weights.
 DEFAULT_SHARES = 1000
@@ -79,7 +87,7 @@ _VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 _HOST_KEYS = frozenset(
     {"managed", "tax_rate", "sample_pages", "sample_period_s", "thresholds_pct",
-     "hysteresis_pct", "poll_interval_s", "share_interval_s"}
+     "hysteresis_pct", "poll_interval_s", "share_interval_s", "idle_collect_s"}
 )
 _THRESHOLD_KEYS = ("high", "soft", "hard", "low")
 _VM_KEYS = frozenset({"socket", "min", "max", "shares"})
@@ -97,6 +105,7 @@ class HostConfig:
     hysteresis_pct: float = DEFAULT_HYSTERESIS_PCT
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     share_interval_s: float = DEFAULT_SHARE_INTERVAL_S
+    idle_collect_s: float = DEFAULT_IDLE_COLLECT_S
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,9 @@ def _parse_host(source: str, table: Mapping[str, Any], host_memory_bytes: int) -
     share = r.number("share_interval_s", DEFAULT_SHARE_INTERVAL_S)
     if share < 0:
         r.fail("share_interval_s", f"must be 0 (sharing off) or more, got {share:g}")
+    idle_collect = r.number("idle_collect_s", DEFAULT_IDLE_COLLECT_S)
+    if not 0 <= idle_collect <= 60:
+        r.fail("idle_collect_s", f"must be between 0 (every poll) and 60, got {idle_collect:g}")
 
     t = _Reader(source, "host.thresholds_pct.", r.table_of("thresholds_pct"),
                 frozenset(_THRESHOLD_KEYS))
@@ -284,6 +296,7 @@ def _parse_host(source: str, table: Mapping[str, Any], host_memory_bytes: int) -
         hysteresis_pct=hysteresis,
         poll_interval_s=poll,
         share_interval_s=share,
+        idle_collect_s=idle_collect,
     )
 
 

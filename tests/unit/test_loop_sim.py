@@ -238,7 +238,10 @@ class Sim:
 
     def write_config(self, vms: dict[str, str], host: str = "") -> None:
         """``vms``: name -> the body of its table (``min``, ``max``, ``shares``)."""
-        lines = ["[host]", f"poll_interval_s = {POLL_INTERVAL_S}", "share_interval_s = 0", host]
+        # idle_collect_s = 0: every VM read every tick, so the tests count ticks; the
+        # idle cadence has a test of its own.
+        lines = ["[host]", f"poll_interval_s = {POLL_INTERVAL_S}", "share_interval_s = 0"]
+        lines += [host] if "idle_collect_s" in host else ["idle_collect_s = 0", host]
         for name, body in vms.items():
             lines += [f"[vm.{name}]", f'socket = "{name}.sock"', body]
         self.config_path.write_text("\n".join(lines) + "\n")
@@ -653,3 +656,26 @@ def test_event_log_is_json_lines(sim: Sim) -> None:
     lines = sim.log_path.read_text().splitlines()
     assert all("event" in json.loads(line) for line in lines)
     assert [e["event"] for e in sim.events()][:2] == ["sampler_unavailable", "start"]
+
+
+# -- 8. the idle cadence ---------------------------------------------------------------------------
+def test_an_idle_host_reads_its_vms_rarely_and_all_at_once_under_pressure(sim: Sim) -> None:
+    h = sim.host
+    guests = [h.guest(n, resident_bytes=1 * GiB) for n in ("a", "b")]
+    sim.write_config({"a": 'min = "512M"', "b": 'min = "512M"'}, host="idle_collect_s = 30")
+    h.set_available(4 * GiB)
+
+    async def scenario(d: Daemon) -> None:
+        await sim.tick(d)  # the first tick reads every VM
+        calls = [len(g.calls) for g in guests]
+        assert all(calls)
+        await sim.tick(d, 5)  # high, nothing to do: nobody is asked anything
+        assert [len(g.calls) for g in guests] == calls
+        assert len(sim.events("tick")) == 2
+        h.set_available(int(SOFT_BYTES * 0.75))  # real pressure: soft
+        await sim.tick(d)
+        assert d.state is MemState.SOFT
+        assert all(len(g.calls) > c for g, c in zip(guests, calls)), "read at once"
+        assert len(sim.events("tick")) == 4
+
+    run(sim, scenario)
