@@ -78,6 +78,10 @@ DEFAULT_POLL_INTERVAL_S = 1.0
 # every VM due at once; 0 reads every VM every poll.
 DEFAULT_IDLE_COLLECT_S = 10.0
 
+# Reads feed each VM's clock for sampling (hv.policy.vmtime), which ignores gaps over
+# 30 s: 20 s keeps a margin for a slow read.
+MAX_IDLE_COLLECT_S = 20.0
+
 # One value for every VM that does not say, so plain configs share memory equally;
 # only ratios between VMs matter, and 1000 leaves room for finer weights.
 DEFAULT_SHARES = 1000
@@ -266,8 +270,9 @@ def _parse_host(source: str, table: Mapping[str, Any], host_memory_bytes: int) -
     if share < 0:
         r.fail("share_interval_s", f"must be 0 (sharing off) or more, got {share:g}")
     idle_collect = r.number("idle_collect_s", DEFAULT_IDLE_COLLECT_S)
-    if not 0 <= idle_collect <= 60:
-        r.fail("idle_collect_s", f"must be between 0 (every poll) and 60, got {idle_collect:g}")
+    if not 0 <= idle_collect <= MAX_IDLE_COLLECT_S:
+        r.fail("idle_collect_s", f"must be between 0 (every poll) and {MAX_IDLE_COLLECT_S:g}, "
+                                 f"got {idle_collect:g}")
 
     t = _Reader(source, "host.thresholds_pct.", r.table_of("thresholds_pct"),
                 frozenset(_THRESHOLD_KEYS))

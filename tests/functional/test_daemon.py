@@ -33,7 +33,7 @@ from tests.functional.hvrun import (
 
 pytestmark = pytest.mark.guest
 
-HOST = {"managed": "500M", "sample_pages": 200, "sample_period_s": 3, "poll_interval_s": 1,
+HOST = {"idle_collect_s": 0, "managed": "500M", "sample_pages": 200, "sample_period_s": 3, "poll_interval_s": 1,
         "share_interval_s": 3}
 
 

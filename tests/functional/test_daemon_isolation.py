@@ -27,7 +27,7 @@ pytestmark = pytest.mark.guest
 
 POLL_S = 1.0
 # Sharing off: these tests are about the loop, and leave KSM's tunables alone.
-HOST = {"managed": "1G", "sample_pages": 100, "sample_period_s": 3, "poll_interval_s": POLL_S,
+HOST = {"idle_collect_s": 0, "managed": "1G", "sample_pages": 100, "sample_period_s": 3, "poll_interval_s": POLL_S,
         "share_interval_s": 0}
 VM_LIMITS = {"min": "128M", "max": "256M"}
 

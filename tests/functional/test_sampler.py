@@ -52,6 +52,9 @@ def test_sampler_tracks_working_set(guests, host_swap, state_dir, tmp_path):  # 
     config = write_config(tmp_path / "hv.toml", {
         "sample_pages": SAMPLE_PAGES, "sample_period_s": PERIOD_S, "poll_interval_s": 1,
         "share_interval_s": 0,  # sharing off: this test measures the sampler alone
+        # Each read feeds the VM clock: read every second so a period lasts PERIOD_S
+        # (in high the default reads idle VMs every 10 s, quantizing short periods).
+        "idle_collect_s": 1,
     }, {
         "idle1": {"socket": idle["socket"], "min": "128M"},
         "touch1": {"socket": toucher["socket"], "min": "128M"},
