@@ -662,7 +662,7 @@ def test_event_log_is_json_lines(sim: Sim) -> None:
 def test_an_idle_host_reads_its_vms_rarely_and_all_at_once_under_pressure(sim: Sim) -> None:
     h = sim.host
     guests = [h.guest(n, resident_bytes=1 * GiB) for n in ("a", "b")]
-    sim.write_config({"a": 'min = "512M"', "b": 'min = "512M"'}, host="idle_collect_s = 30")
+    sim.write_config({"a": 'min = "512M"', "b": 'min = "512M"'}, host="idle_collect_s = 20")
     h.set_available(4 * GiB)
 
     async def scenario(d: Daemon) -> None:
