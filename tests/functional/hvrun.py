@@ -52,17 +52,19 @@ def assert_ksm_restored(log: Path, state_dir: Path, before: dict[str, str]) -> N
     assert ksm_snapshot() == before
 
 
-def swap_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Make sure the host has free swap; remove what this created afterwards."""
+def swap_fixture(tmp_path_factory: pytest.TempPathFactory | None = None,
+                 size_bytes: int = TEST_SWAP_BYTES, enough_bytes: int | None = None) -> Iterator[None]:
+    """Make sure the host has ``enough_bytes`` of free swap (default 3/4 of ``size_bytes``),
+    creating ``size_bytes`` more if not; remove what this created afterwards."""
     _, free = swap.totals()
-    if free >= TEST_SWAP_BYTES * 3 // 4:
+    if free >= (size_bytes * 3 // 4 if enough_bytes is None else enough_bytes):
         yield
         return
     # /var/tmp, not /tmp: swapon refuses files on tmpfs, which /tmp often is.
     d = Path(tempfile.mkdtemp(prefix="hv-test-swap-", dir="/var/tmp"))
     env = {"HV_STATE_DIR": str(d / "state")}
     path = d / "swapfile"
-    done = hv_cli("swap", "create", str(TEST_SWAP_BYTES), "--path", str(path), env=env)
+    done = hv_cli("swap", "create", str(size_bytes), "--path", str(path), env=env)
     assert done.returncode == 0, done.stderr
     try:
         yield
@@ -99,6 +101,15 @@ class HvRun:
     def events(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
         return [e for e in read_events(self.log, event)
                 if all(e.get(k) == v for k, v in match.items())]
+
+    def ticks(self, vm: str) -> list[dict[str, Any]]:
+        """The VM's tick lines so far."""
+        return self.events("tick", vm=vm)
+
+    def last_tick(self, vm: str) -> dict[str, Any]:
+        got = self.ticks(vm)
+        assert got, f"no tick for {vm}"
+        return got[-1]
 
     def wait_event(self, event: str, timeout_s: float, **match: Any) -> dict[str, Any]:
         def found() -> dict[str, Any] | None:

@@ -42,16 +42,6 @@ def host_swap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     yield from swap_fixture(tmp_path_factory)
 
 
-def ticks(hv: HvRun, vm: str) -> list[dict[str, Any]]:
-    return hv.events("tick", vm=vm)
-
-
-def last_tick(hv: HvRun, vm: str) -> dict[str, Any]:
-    got = ticks(hv, vm)
-    assert got, f"no tick for {vm}"
-    return got[-1]
-
-
 def test_overcommit_balloon_swap_pause(guests, host_swap, state_dir, tmp_path):  # type: ignore[no-untyped-def]
     # The idle guest wrote 150 MiB and freed it: the host still backs it (resident),
     # which is what ballooning it gives back.
@@ -89,14 +79,14 @@ def test_overcommit_balloon_swap_pause(guests, host_swap, state_dir, tmp_path): 
     try:
         def moved() -> bool:
             hv.check_alive()
-            i, a = ticks(hv, "idle1"), ticks(hv, "act1")
+            i, a = hv.ticks("idle1"), hv.ticks("act1")
             # Targets are host memory: the idle guest's balloon inflates until what the
             # host backs of it is down to its target; the active one's deflates.
             return bool(i and a and i[-1]["balloon_bytes"] <= 240 * MiB
                         and i[-1]["resident_bytes"] <= i[-1]["target_bytes"] + 4 * MiB
                         and a[-1]["balloon_bytes"] >= 240 * MiB)
         wait_for(moved, 90, "the idle guest's balloon to inflate and the active one's to deflate")
-        i, a = last_tick(hv, "idle1"), last_tick(hv, "act1")
+        i, a = hv.last_tick("idle1"), hv.last_tick("act1")
         print(f"soft: idle1 target {i['target_bytes'] / MiB:.0f}M balloon "
               f"{i['balloon_bytes'] / MiB:.0f}M active {i['active']['of_allocation']:.3f}; act1 "
               f"target {a['target_bytes'] / MiB:.0f}M balloon {a['balloon_bytes'] / MiB:.0f}M "
@@ -114,7 +104,7 @@ def test_overcommit_balloon_swap_pause(guests, host_swap, state_dir, tmp_path): 
         assert rows["act1"]["managed_by"]["hv_run_pid"] == hv.proc.pid
         # The row is one of the daemon's ticks (the balloon keeps moving between ticks).
         shown_tick = (rows["act1"]["target_bytes"], rows["act1"]["balloon_bytes"])
-        assert shown_tick in {(t["target_bytes"], t["balloon_bytes"]) for t in ticks(hv, "act1")}
+        assert shown_tick in {(t["target_bytes"], t["balloon_bytes"]) for t in hv.ticks("act1")}
         busy = hv_cli("balloon", "act1", "200M")
         assert busy.returncode != 0 and len(busy.stderr.strip().splitlines()) == 1
         assert f"`hv run` (pid {hv.proc.pid}) manages" in busy.stderr
@@ -144,10 +134,10 @@ def test_overcommit_balloon_swap_pause(guests, host_swap, state_dir, tmp_path): 
         assert swapped["invalidated"] > 0
         kinds = [e["event"] for e in read_events(log) if e["event"] in ("share", "swap")]
         assert kinds.index("share") < kinds.index("swap"), kinds
-        wait_for(lambda: last_tick(hv, "act1")["swap_bytes"] >= swap_before + 16 * MiB, 30,
+        wait_for(lambda: hv.last_tick("act1")["swap_bytes"] >= swap_before + 16 * MiB, 30,
                  "act1's host swap to grow by 16 MiB")
         assert not hv.events("swap", vm="idle1")
-        a = last_tick(hv, "act1")
+        a = hv.last_tick("act1")
         print(f"hard: act1 target {a['target_bytes'] / MiB:.0f}M resident "
               f"{a['resident_bytes'] / MiB:.0f}M swap {swap_before / MiB:.0f}M -> "
               f"{a['swap_bytes'] / MiB:.0f}M")
@@ -157,11 +147,11 @@ def test_overcommit_balloon_swap_pause(guests, host_swap, state_dir, tmp_path): 
         assert not hv.events("pause", vm="idle1")
 
         force.write_text("high")
-        wait_for(lambda: (last_tick(hv, "act1")["state"] == "high"
-                          and not last_tick(hv, "act1")["paused_by_hv"]), 20, "act1 resumed")
+        wait_for(lambda: (hv.last_tick("act1")["state"] == "high"
+                          and not hv.last_tick("act1")["paused_by_hv"]), 20, "act1 resumed")
         assert hv.events("resume", vm="act1")
         # QMP takes one client at a time: while hv holds it, its ticks tell the run state.
-        wait_for(lambda: last_tick(hv, "act1")["run_state"] == "running", 10, "act1 running")
+        wait_for(lambda: hv.last_tick("act1")["run_state"] == "running", 10, "act1 running")
     finally:
         stopped = hv.stop()  # always stop hv; judge how it stopped once the test's own checks ran
     assert stopped == 0, hv.stderr()

@@ -30,9 +30,9 @@ from typing import Any
 import pytest
 
 from hv.host import swap
-from hv.units import MiB
-from tests.conftest import hv_cli, wait_for
-from tests.functional.hvrun import HvRun, qmp_status, write_config
+from hv.units import MiB, PAGE_SIZE
+from tests.conftest import wait_for
+from tests.functional.hvrun import HvRun, qmp_status, swap_fixture, write_config
 from tests.functional.pressure import MemoryLocker, available_pct, meminfo
 
 pytestmark = pytest.mark.guest
@@ -74,23 +74,8 @@ OOM_MARKERS = re.compile(r"Out of memory|oom-kill|invoked oom-killer")
 def pressure_swap() -> Iterator[None]:
     """Free host swap for admission and hv's swapping; removes what it created."""
     _, free = swap.totals()
-    if free >= PRESSURE_SWAP_BYTES:
-        yield
-        return
-    import shutil
-    import tempfile
-    # /var/tmp, not /tmp: swapon refuses files on tmpfs.
-    d = Path(tempfile.mkdtemp(prefix="hv-test-swap-", dir="/var/tmp"))
-    env = {"HV_STATE_DIR": str(d / "state")}
-    path = d / "swapfile"
-    done = hv_cli("swap", "create", str(PRESSURE_SWAP_BYTES - free), "--path", str(path), env=env)
-    assert done.returncode == 0, done.stderr
-    try:
-        yield
-    finally:
-        done = hv_cli("swap", "remove", "--path", str(path), env=env, timeout_s=300)
-        assert done.returncode == 0, done.stderr
-        shutil.rmtree(d, ignore_errors=True)
+    yield from swap_fixture(size_bytes=max(PRESSURE_SWAP_BYTES - free, PAGE_SIZE),
+                            enough_bytes=PRESSURE_SWAP_BYTES)
 
 
 @pytest.fixture
@@ -110,21 +95,11 @@ def total_bytes() -> int:
     return meminfo()["MemTotal"]
 
 
-def ticks(hv: HvRun, vm: str) -> list[dict[str, Any]]:
-    return hv.events("tick", vm=vm)
-
-
-def last_tick(hv: HvRun, vm: str) -> dict[str, Any]:
-    got = ticks(hv, vm)
-    assert got, f"no tick for {vm}"
-    return got[-1]
-
-
 def describe(hv: HvRun, names: list[str]) -> str:
     """The last tick of every VM, for assertion messages."""
     out = [f"MemAvailable {available_pct():.2f} %"]
     for n in names:
-        got = ticks(hv, n)
+        got = hv.ticks(n)
         if not got:
             out.append(f"{n}: no tick")
             continue
@@ -211,8 +186,8 @@ def test_soft_balloons_idle_guests(guests, pressure_swap, locker, state_dir, tmp
     names = [g["name"] for g in vms]
     hv = start_hv(tmp_path, vms)
     try:
-        before = {n: last_tick(hv, n)["balloon_bytes"] for n in names}
-        resident_before = {n: last_tick(hv, n)["resident_bytes"] for n in names}
+        before = {n: hv.last_tick(n)["balloon_bytes"] for n in names}
+        resident_before = {n: hv.last_tick(n)["resident_bytes"] for n in names}
         level = locker.lock_until_available(SOFT_LEVEL_PCT)
         print(f"pressure: {level}")
         locked_ts = hv.events("tick")[-1]["ts"]
@@ -229,7 +204,7 @@ def test_soft_balloons_idle_guests(guests, pressure_swap, locker, state_dir, tmp
         def recovered() -> bool:
             hv.check_alive()
             t = hv.events("tick")
-            reclaimed = sum(resident_before.values()) - sum(last_tick(hv, n)["resident_bytes"]
+            reclaimed = sum(resident_before.values()) - sum(hv.last_tick(n)["resident_bytes"]
                                                             for n in names)
             return (meminfo()["MemAvailable"] >= goal and bool(t) and t[-1]["free_bytes"] >= goal
                     and reclaimed >= shortfall)
@@ -244,12 +219,12 @@ def test_soft_balloons_idle_guests(guests, pressure_swap, locker, state_dir, tmp
             n = g["name"]
             asked = [e for e in hv.events("balloon", vm=n) if e["goal_bytes"] < e["actual_bytes"]]
             assert asked, f"{n}: no balloon inflation: {describe(hv, names)}"
-            assert last_tick(hv, n)["balloon_bytes"] <= before[n] - 128 * MiB, describe(hv, names)
+            assert hv.last_tick(n)["balloon_bytes"] <= before[n] - 128 * MiB, describe(hv, names)
         # The active guest kept its working set: its balloon never went below the
         # working set plus what the guest itself needs, none of its pages were swapped,
         # and its toucher kept going.
         floor = act_ws_mib * MiB + GUEST_BASE_BYTES
-        after = [t for t in ticks(hv, "act") if t["ts"] >= locked_ts]
+        after = [t for t in hv.ticks("act") if t["ts"] >= locked_ts]
         assert after and min(t["balloon_bytes"] for t in after) >= floor, describe(hv, names)
         assert not hv.events("swap", vm="act"), describe(hv, names)
         assert not hv.events("pause"), describe(hv, names)
@@ -285,13 +260,13 @@ def test_hard_swaps_vm_above_target(guests, pressure_swap, locker, state_dir, tm
         inflations = [e for e in hv.events("balloon") if e["goal_bytes"] < e["actual_bytes"]]
         assert inflations and inflations[0]["ts"] <= swapped["ts"], describe(hv, names)
         n = swapped["vm"]
-        swap_before = [t for t in ticks(hv, n) if t["ts"] <= swapped["ts"]][-1]["swap_bytes"]
-        wait_for(lambda: last_tick(hv, n)["swap_bytes"] >= swap_before + 16 * MiB, 60,
+        swap_before = [t for t in hv.ticks(n) if t["ts"] <= swapped["ts"]][-1]["swap_bytes"]
+        wait_for(lambda: hv.last_tick(n)["swap_bytes"] >= swap_before + 16 * MiB, 60,
                  f"{n}'s host swap to grow by 16 MiB")
 
         locker.release()
         # Pressure gone: hv leaves hard.
-        wait_for(lambda: last_tick(hv, n)["state"] in ("soft", "high"), 60, "hv to leave hard")
+        wait_for(lambda: hv.last_tick(n)["state"] in ("soft", "high"), 60, "hv to leave hard")
     finally:
         locker.release()
         stopped = hv.stop()
@@ -325,7 +300,7 @@ def test_low_pauses_then_resumes(guests, pressure_swap, locker, state_dir, tmp_p
 
         def all_running() -> bool:
             hv.check_alive()
-            return all(not last_tick(hv, m)["paused_by_hv"] and last_tick(hv, m)["run_state"] == "running"
+            return all(not hv.last_tick(m)["paused_by_hv"] and hv.last_tick(m)["run_state"] == "running"
                        for m in names)
         wait_for(all_running, 60, "every VM running and unpaused")
         assert len(hv.events("resume")) >= len(hv.events("pause"))
