@@ -49,6 +49,7 @@ ffibuilder.cdef(
         uint64_t readvs;
         uint64_t bytes_readv;
         uint64_t readv_declined;
+        uint64_t readv_huge;
     };
 
     int hv_scan(int pid, const uint64_t *starts, const uint64_t *lengths, size_t nranges,

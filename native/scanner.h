@@ -57,6 +57,8 @@ struct hv_scan_counts {
     uint64_t bytes_readv; /* of bytes_read, read through process_vm_readv */
     uint64_t readv_declined; /* exclusive anonymous pages read by pread instead: the fresh
                               * check found them remapped, shared or KSM, or readv failed */
+    uint64_t readv_huge; /* readv candidates that PAGEMAP_SCAN found PMD-mapped (huge
+                          * pages: never KSM), so no kpageflags read was needed */
 };
 
 /*
@@ -78,9 +80,10 @@ struct hv_scan_counts {
  * Content is read in windows of batch_bytes.  An exclusive anonymous page is
  * read with process_vm_readv when, just before the read, its pagemap entry is
  * still the one the chunk saw (same frame, present, exclusive, anonymous) and
- * that frame's kpageflags show neither KSM nor the zero page; every other page
- * is read with pread on /proc/PID/mem.  HV_SCAN_PREAD_ONLY reads everything
- * with pread.  Returns 0, or -errno: -ESRCH when the process is gone or exits
+ * that frame's kpageflags show neither KSM nor the zero page (or, for a page
+ * of a transparent huge page, PAGEMAP_SCAN shows it mapped by a PMD, which a
+ * KSM page never is); every other page is read with pread on /proc/PID/mem.
+ * HV_SCAN_PREAD_ONLY reads everything with pread.  Returns 0, or -errno: -ESRCH when the process is gone or exits
  * during the scan, -EINVAL for bad arguments, -EPERM/-EACCES without the
  * privilege to read the process.
  */

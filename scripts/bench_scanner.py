@@ -16,11 +16,14 @@ Prints, from one run on one core, every figure the best of --repeat runs:
 and whether the native scan reaches GOAL_OF_MEMCPY of memcpy.
 
 By default it spawns its own victim process that maps --size MiB (mostly unique
-content, some duplicate pages, some all-zero pages, a few never touched); with
+content, some duplicate pages, some all-zero pages, a few never touched) in 4 KiB
+pages (MADV_NOHUGEPAGE: the worst case, scattered frames, a kpageflags entry per
+page); ``--thp`` maps it MADV_HUGEPAGE instead, as QEMU marks guest RAM; with
 ``--pid PID --range START:LEN`` it scans a real process instead (e.g. QEMU's guest
 RAM: START and LEN in bytes, hex with 0x allowed; repeat --range for more).
 
     python scripts/bench_scanner.py --size 1024
+    python scripts/bench_scanner.py --size 1024 --thp
     python scripts/bench_scanner.py --pid $(pgrep -f qemu-system) --range 0x7f...:0x20000000
 
 The process_vm_readv ceiling is measured on the victim only: it pins the pages it
@@ -49,14 +52,15 @@ from hv.units import MiB, PAGE_SIZE  # noqa: E402
 
 GOAL_OF_MEMCPY = 0.50  # issue 7, item 9: the scan at half of memcpy bandwidth or better
 
-# The victim: mmap SIZE MiB without huge pages, fill it, print where it is, wait.
+# The victim: mmap SIZE MiB without huge pages (argv[2] "thp": with), fill it, print
+# where it is, wait.
 VICTIM = r"""
 import ctypes, json, mmap, sys
 import numpy as np
 size_mib = int(sys.argv[1])
 n = size_mib * 256
 m = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-m.madvise(mmap.MADV_NOHUGEPAGE)
+m.madvise(mmap.MADV_HUGEPAGE if sys.argv[2] == "thp" else mmap.MADV_NOHUGEPAGE)
 base = ctypes.addressof(ctypes.c_char.from_buffer(m))
 words = np.frombuffer(m, dtype=np.uint64).reshape(n, 512)
 rng = np.random.default_rng(1)
@@ -144,6 +148,15 @@ def readv_hash(pid: int, ranges: Sequence[tuple[int, int]], readable: np.ndarray
         offset += n
 
 
+def anon_huge_mib(pid: int) -> int:
+    """MiB of the process mapped in transparent huge pages (smaps_rollup AnonHugePages)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
 def parse_range(text: str) -> tuple[int, int]:
     start, _, length = text.partition(":")
     return int(start, 0), int(length, 0)
@@ -152,6 +165,8 @@ def parse_range(text: str) -> tuple[int, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=1024, help="victim size in MiB (default 1024)")
+    ap.add_argument("--thp", action="store_true",
+                    help="victim in transparent huge pages (MADV_HUGEPAGE, as QEMU's guest RAM)")
     ap.add_argument("--pid", type=int, help="scan this process instead of a victim")
     ap.add_argument("--range", action="append", type=parse_range, default=[],
                     help="START:LEN in bytes of the process to scan (with --pid)")
@@ -163,7 +178,7 @@ def main() -> int:
 
     victim: subprocess.Popen[str] | None = None
     if args.pid is None:
-        victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(args.size)],
+        victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(args.size), "thp" if args.thp else "4k"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert victim.stdout is not None
         info = json.loads(victim.stdout.readline())
@@ -218,7 +233,8 @@ def main() -> int:
 
         print(f"target: pid {pid}, {first.pages} pages, {first.present} present, "
               f"{first.read} read, {first.ksm} KSM, {first.zero} zero "
-              f"({first.zero_page} zero-page), {first.thp} THP, {first.swapped} swapped")
+              f"({first.zero_page} zero-page), {first.thp} THP, {first.swapped} swapped; "
+              f"process: {anon_huge_mib(pid)} MiB in huge pages")
         scans: list[tuple[str, float, native.ScanResult]] = []
         for batch_kib in args.batch_kib or [0]:
             for pread in (False, True):
@@ -246,7 +262,8 @@ def main() -> int:
                   f"{last.read / t / 1e6:5.2f} M read pages/s  {gbs:5.2f} GB/s read"
                   f"  ({gbs / memcpy:4.0%} of memcpy)  {t * 1e3:.0f} ms,"
                   f" {last.bytes_readv / max(last.bytes_read, 1):4.0%} by process_vm_readv,"
-                  f" {last.readvs} readv + {last.preads} pread calls, {last.readv_declined} declined")
+                  f" {last.readvs} readv + {last.preads} pread calls, {last.readv_declined} declined,"
+                  f" {last.readv_huge} pages huge-mapped (no kpageflags)")
         nbytes = int(readable.sum()) * PAGE_SIZE
         ceilings: list[tuple[str, float | None]] = [("process_vm_readv + XXH3", t_readv),
                                                     ("pread /proc/PID/mem", t_pread)]
@@ -261,7 +278,9 @@ def main() -> int:
         label, t, hv_scan = scans[0]
         ratio = hv_scan.bytes_read / t / 1e9 / memcpy
         verdict = "REACHES" if ratio >= GOAL_OF_MEMCPY else "DOES NOT REACH"
-        print(f"\n{label} {hv_scan.bytes_read / t / 1e9:.2f} GB/s vs memcpy {memcpy:.2f} GB/s "
+        target = f"pid {pid}" if victim is None else \
+            ("victim in huge pages" if args.thp else "victim in 4 KiB pages")
+        print(f"\n{label} ({target}) {hv_scan.bytes_read / t / 1e9:.2f} GB/s vs memcpy {memcpy:.2f} GB/s "
               f"= {ratio:.1%}: {verdict} the goal of {GOAL_OF_MEMCPY:.0%} of memcpy")
 
         if not args.no_python:

@@ -129,6 +129,7 @@ class ScanResult:
     readvs: int          # process_vm_readv calls
     bytes_readv: int     # of bytes_read, read through process_vm_readv (one copy)
     readv_declined: int  # exclusive pages read by pread instead (remapped, shared, KSM, or readv failed)
+    readv_huge: int = 0  # readv candidates PAGEMAP_SCAN found PMD-mapped (never KSM): no kpageflags
 
     def has(self, flag: PageFlags) -> BoolArray:
         """Boolean mask of the pages carrying ``flag``."""
@@ -221,6 +222,7 @@ def scan(
         readvs=int(counts.readvs),
         bytes_readv=int(counts.bytes_readv),
         readv_declined=int(counts.readv_declined),
+        readv_huge=int(counts.readv_huge),
     )
 
 

@@ -543,18 +543,20 @@ def test_readv_scans_leave_ksm_merges_of_real_guests(guests: Any, ksm_running: N
     # 1. Live: guests and ksmd running.
     sharing_before = ksm_counter("pages_sharing")
     merging_before = [ksm_merging_pages(pid) for pid in pids]
-    readv_bytes = 0
+    readv_bytes = huge_pages = 0
     for _ in range(3):
         for pid, r in zip(pids, ranges):
             res = native.scan(pid, r)
             assert res.ksm >= KSM_HOG_PAGES, "the merged pages are known by frame, not read"
             readv_bytes += res.bytes_readv
+            huge_pages += res.readv_huge
     assert readv_bytes > 0, "the scans used process_vm_readv"
     ksm_full_passes(2)
     sharing_after = ksm_counter("pages_sharing")
     merging_after = [ksm_merging_pages(pid) for pid in pids]
     print(f"\nlive: pages_sharing {sharing_before} -> {sharing_after}; ksm_merging_pages "
-          f"{merging_before} -> {merging_after}; {readv_bytes >> 20} MiB read by process_vm_readv")
+          f"{merging_before} -> {merging_after}; {readv_bytes >> 20} MiB read by process_vm_readv, "
+          f"{huge_pages * PAGE_SIZE >> 20} MiB of it in huge pages cleared by PAGEMAP_SCAN")
     # The guests' kernels write a few pages meanwhile (a write unmerges its page): the
     # tolerance is for them, a hundredth of what one unmerging scan would drop.
     tolerance = max(64, sharing_before // 100)

@@ -7,6 +7,8 @@ other processes, swap, KSM and QEMU.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import mmap
 import os
@@ -27,6 +29,27 @@ def test_hash_pages_equals_the_xxhash_package() -> None:
     got = native.hash_pages(buf)
     raw = buf.tobytes()
     want = [xxhash.xxh3_64_intdigest(raw[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(64)]
+    assert [int(h) for h in got] == want
+
+
+def test_hash_pages_equals_the_system_xxh3_64bits() -> None:
+    """The scanner hashes through libxxhash's XXH3_64bits_dispatch (AVX2/AVX-512 where
+    the CPU has them); XXH3's output does not depend on the vector path, so every page
+    hashes exactly as the system library's plain XXH3_64bits (the baseline build)."""
+    name = ctypes.util.find_library("xxhash")
+    if name is None:  # pragma: no cover - the extension links it, so it is installed
+        pytest.skip("libxxhash not found")
+    lib = ctypes.CDLL(name)
+    lib.XXH3_64bits.restype = ctypes.c_uint64
+    lib.XXH3_64bits.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    rng = np.random.default_rng(4)
+    buf = rng.integers(0, 256, size=256 * PAGE_SIZE, dtype=np.uint8)
+    buf[0:PAGE_SIZE] = 0
+    buf[PAGE_SIZE:2 * PAGE_SIZE] = 0xFF
+    buf[2 * PAGE_SIZE:3 * PAGE_SIZE] = np.arange(PAGE_SIZE) % 251
+    got = native.hash_pages(buf)
+    base = buf.ctypes.data
+    want = [lib.XXH3_64bits(base + i * PAGE_SIZE, PAGE_SIZE) for i in range(256)]
     assert [int(h) for h in got] == want
 
 
@@ -114,11 +137,41 @@ def test_readv_and_pread_scans_agree() -> None:
     assert fast.read == slow.read == n and fast.zero == slow.zero == 1
     assert fast.bytes_read == slow.bytes_read == n * PAGE_SIZE
     assert fast.bytes_readv == n * PAGE_SIZE and fast.readvs == n // 16 and fast.readv_declined == 0
+    assert fast.readv_huge == 0  # 4 KiB pages: kpageflags, not PAGEMAP_SCAN, cleared them
     assert slow.bytes_readv == 0 and slow.readvs == 0 and slow.preads >= 1
     raw = view.tobytes()
     assert int(fast.hashes[5]) == xxhash.xxh3_64_intdigest(raw[5 * PAGE_SIZE:6 * PAGE_SIZE])
     del view
     m.close()
+
+
+def test_huge_page_is_cleared_for_readv_by_pagemap_scan() -> None:
+    """Exclusive pages of a transparent huge page mapped by a PMD are never KSM pages:
+    one PAGEMAP_SCAN call clears them for process_vm_readv instead of 512 kpageflags
+    entries; hashes and flags are those of a pread-only scan."""
+    huge = 2 * 1024 * 1024
+    n = huge // PAGE_SIZE
+    m = mmap.mmap(-1, 2 * huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = np.frombuffer(m, dtype=np.uint8)
+    offset = -int(view.ctypes.data) % huge
+    m.madvise(mmap.MADV_HUGEPAGE, offset, huge)
+    view[offset:offset + huge] = np.random.default_rng(5).integers(0, 256, size=huge, dtype=np.uint8)
+    base = int(view.ctypes.data) + offset
+    ranges = [(base, huge)]
+    try:
+        if not native.scan(os.getpid(), ranges, read_content=False, all_frame_flags=True).has(
+                PageFlags.THP).all():
+            pytest.skip("no transparent huge page for the range (THP disabled or none free)")
+        fast = native.scan(os.getpid(), ranges)
+        slow = native.scan(os.getpid(), ranges, pread_only=True)
+        assert np.array_equal(fast.hashes, slow.hashes) and np.array_equal(fast.flags, slow.flags)
+        assert fast.read == n and fast.bytes_readv == huge and slow.readv_huge == 0
+        kernel = tuple(int(x) for x in os.uname().release.split(".")[:2] if x.isdigit())
+        if kernel >= (6, 7):  # PAGEMAP_SCAN
+            assert fast.readv_huge == n
+    finally:
+        del view
+        m.close()
 
 
 def test_pages_shared_after_fork_are_read_with_pread() -> None:
