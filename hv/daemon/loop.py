@@ -146,6 +146,7 @@ class Daemon:
         self._guardian: subprocess.Popen[bytes] | None = None
         self._guard_owned = False
         self.ticks = 0
+        self._pool = 0  # the pool at the last decision
 
     @property
     def log(self) -> EventLog:
@@ -446,9 +447,10 @@ class Daemon:
             state, real, free = self._update_state()
         new = [m for m in self.vms if m.reading is not None and m.failing is None
                and m.reading.at_s > m.decided_s]
-        if not new:
+        if not new:  # nothing new to decide on (an idle host between its reads)
+            self._publish(state, free, self._pool)
             self.ticks += 1
-            return  # nothing new to decide on (an idle host between its reads)
+            return
 
         # 3. decide, over every VM with a recent reading.
         free = self._free()
@@ -459,7 +461,7 @@ class Daemon:
         overheads = sum(overhead_bytes(m.max_bytes) for m in self.vms)
         held_fresh = sum(held[m.name] for m in fresh)
         bound = host.managed_bytes - overheads - (sum(held.values()) - held_fresh)
-        pool = pool_bytes(held_fresh, free, self.tracker.free_goal_bytes(), bound)
+        pool = self._pool = pool_bytes(held_fresh, free, self.tracker.free_goal_bytes(), bound)
         demands = []
         for m in fresh:
             assert m.reading is not None
@@ -506,6 +508,10 @@ class Daemon:
                         "of_allocation": policy_active_fraction(
                             est.active_fraction, m.measured_pages,
                             min(m.reading.resident_bytes, m.max_bytes))})
+        self._publish(state, free, pool)
+
+    def _publish(self, state: MemState, free: int, pool: int) -> None:
+        """The published status: every tick, so readers see a live daemon (VMs or none)."""
         vms = {}
         for m in self.vms:
             r = m.reading
