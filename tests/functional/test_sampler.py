@@ -191,7 +191,9 @@ def test_paused_guest_is_not_read_as_idle(guests, host_swap):  # type: ignore[no
 
     assert active.discarded is None and active.fraction is not None
     assert active.vm_s is not None and active.wall_s is not None
-    assert active.vm_s >= PERIOD_S and active.wall_s >= active.vm_s
+    # The VM clock moves in steps of one observation (follow_vm_time, every 1 s): a
+    # period's VM time can exceed its wall time by up to one step, never more.
+    assert active.vm_s >= PERIOD_S and active.wall_s + 1.5 >= active.vm_s
     # 96 MiB of ~190 MiB sampleable: about half (how much the guest kernel itself holds varies).
     assert truth > 0.3 and active.fraction >= truth - TOLERANCE, (active, truth)
 
