@@ -86,9 +86,23 @@ import json, sys
 events = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 start = max(i for i, e in enumerate(events) if e["event"] == "start")
 run = events[start:]
+total = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal:"))
+first_state = None
 for e in run:
     if e["event"] == "state":
-        print(f"state {e['previous']} -> {e['state']} (pool free {e['free_bytes'] / 2**20:.0f} MiB)")
+        print(f"state {e['previous']} -> {e['state']} (free {e['free_bytes'] / 2**20:.0f} MiB, "
+              f"{100 * e['free_bytes'] / total:.1f} %)")
+        if e["state"] != "high" and first_state is None:
+            first_state = e
+if first_state is not None:
+    t0, low_free = first_state["ts"], first_state["free_bytes"]
+    after = [e for e in run if e["event"] == "tick" and e["ts"] >= t0]
+    back = next((e for e in after if e["free_bytes"] > 0.045 * total), None)
+    high = next((e for e in run if e["event"] == "state" and e["ts"] > t0 and e["state"] == "high"), None)
+    print(f"reclamation: free {low_free / 2**20:.0f} MiB when hv left high; "
+          + (f"above soft + hysteresis (4.5 %) after {back['ts'] - t0:.0f} s "
+             f"({back['free_bytes'] / 2**20:.0f} MiB)" if back else "never above soft + hysteresis")
+          + (f"; back to high after {high['ts'] - t0:.0f} s" if high else "; still reclaiming"))
 for kind in ("balloon", "swap", "pause"):
     by = {}
     for e in run:
