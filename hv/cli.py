@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import math
 import os
 import re
 import sys
@@ -140,6 +141,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
 # -- balloon, pause, resume ------------------------------------------------------------
 async def cmd_balloon(args: argparse.Namespace) -> int:
     target = _parse_target(args.size)
+    # Every argument is checked before anything changes.
+    if args.wait is not None and not (math.isfinite(args.wait) and args.wait >= 0):
+        raise UsageError(f"--wait must be a number of seconds >= 0, not {args.wait:g}")
     name, sock = launcher.socket_of(args.vm)
     async with VM(name, sock) as vm:
         await vm.set_balloon(target, force=args.force)

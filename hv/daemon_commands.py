@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,8 @@ async def cmd_swap(args: argparse.Namespace) -> int:
 
 
 async def cmd_sample(args: argparse.Namespace) -> int:
-    if args.period <= 0 or args.pages < 1 or args.periods < 1:
-        raise UsageError("--period must be > 0, --pages and --periods >= 1")
+    if not (math.isfinite(args.period) and args.period > 0) or args.pages < 1 or args.periods < 1:
+        raise UsageError("--period must be a finite number > 0, --pages and --periods >= 1")
     check_can_sample()
     name, sock = launcher.socket_of(args.vm)
     async with VM(name, sock) as vm:

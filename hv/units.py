@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from fractions import Fraction
 
 from hv.errors import UsageError
 
@@ -20,6 +21,9 @@ GiB = 1024 * MiB
 TiB = 1024 * GiB
 
 _SUFFIX = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
+
+# The largest size hv accepts: what a C long (the kernel's and QEMU's sizes) holds.
+MAX_SIZE_BYTES = 2**63 - 1
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtb]?)(?:i?b)?\s*$", re.IGNORECASE)
 
 
@@ -33,9 +37,13 @@ def parse_size(text: str) -> int:
             f"cannot parse size {text!r}: use a number with an optional K, M, G or T suffix"
         )
     number, suffix = m.groups()
-    value = float(number) * _SUFFIX[suffix.lower()]
-    if value != int(value):
+    if len(number) > 32:  # 10^32 bytes is far past any memory: refuse before computing
+        raise UsageError(f"size {text.strip()[:40]!r}... has too many digits")
+    value = Fraction(number) * _SUFFIX[suffix.lower()]  # exact: no float rounding or overflow
+    if value.denominator != 1:
         raise UsageError(f"size {text!r} is not a whole number of bytes")
+    if value > MAX_SIZE_BYTES:
+        raise UsageError(f"size {text!r} is too large (at most {format_size(MAX_SIZE_BYTES)})")
     return int(value)
 
 

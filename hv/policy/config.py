@@ -30,6 +30,7 @@ wherever they appear, so a misspelt key never silently means its default.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -163,6 +164,8 @@ class _Reader:
         value = self.table.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(key, f"must be a number, not {_describe(value)}")
+        if not math.isfinite(value):  # nan passes every comparison test below it
+            self.fail(key, f"must be a finite number, not {value}")
         return float(value)
 
     def integer(self, key: str, default: int) -> int:

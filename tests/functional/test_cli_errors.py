@@ -24,10 +24,23 @@ def one_line_error(r) -> str:  # type: ignore[no-untyped-def]
     return lines[0]
 
 
-@pytest.mark.parametrize("size", ["12Q", "-5M", "", "1.5.3G", "0"])
+@pytest.mark.parametrize("size", ["12Q", "-5M", "", "1.5.3G", "0", "9" * 400 + "G", "99999999999999G"])
 def test_bad_sizes(run_dir: Path, size: str) -> None:
     err = one_line_error(hv_cli("balloon", "whatever", size))
     assert "size" in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (("balloon", "whatever", "170M", "--wait", "-1"), "--wait"),
+    (("balloon", "whatever", "170M", "--wait", "nan"), "--wait"),
+    (("sample", "whatever", "--period", "nan"), "--period"),
+    (("swap", "create", "99999999999999G"), "too large"),
+])
+def test_bad_numbers_change_nothing(run_dir: Path, args: tuple[str, ...], words: str) -> None:
+    """Checked before anything is looked up or changed: no VM named "whatever" exists,
+    and the error is about the argument, not about the VM."""
+    r = hv_cli(*args)
+    assert r.returncode == 2 and words in one_line_error(r)
 
 
 def test_missing_vm_and_missing_socket(run_dir: Path, tmp_path: Path) -> None:

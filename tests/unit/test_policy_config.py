@@ -106,7 +106,7 @@ BAD = [
     # (toml text, key the message must name, words it must contain)
     ('[host]\nidle_collect_s = 30\n', "host.idle_collect_s", "between 0"),
     ('[host]\nidle_collect_s = -1\n', "host.idle_collect_s", "between 0"),
-    ('[host]\nidle_collect_s = nan\n', "host.idle_collect_s", "between 0"),
+    ('[host]\nidle_collect_s = nan\n', "host.idle_collect_s", "finite"),
     ('[vm.a]\nmin = "600M"\nmax = "512M"\n', "vm.a.min", "larger than max"),
     ('[vm.a]\nmin = "1M"\nmax = "2M"\nshares = 0\n', "vm.a.shares", "more than 0"),
     ('[vm.a]\nmin = "1M"\nmax = "2M"\nshares = -5\n', "vm.a.shares", "more than 0"),

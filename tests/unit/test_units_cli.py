@@ -74,3 +74,27 @@ def test_ramblock_and_gpa2hva_parsing() -> None:
 def test_balloon_floor() -> None:
     assert vm.balloon_floor(128 * MiB) == 96 * MiB
     assert vm.balloon_floor(8 * GiB) == GiB
+
+
+@pytest.mark.parametrize("text", ["9" * 400 + "G", "99999999999999G", "8388608T", "9223372036854775808"])
+def test_huge_sizes_are_one_clear_error(text: str) -> None:
+    from hv.units import parse_size
+    with pytest.raises(UsageError, match="too large|too many digits"):
+        parse_size(text)
+
+
+def test_sizes_are_exact() -> None:
+    from hv.units import MAX_SIZE_BYTES, parse_size
+    assert parse_size("1.5G") == 3 * 512 * 1024 * 1024
+    assert parse_size(str(MAX_SIZE_BYTES)) == MAX_SIZE_BYTES
+    with pytest.raises(UsageError, match="whole number"):
+        parse_size("0.1K")
+
+
+@pytest.mark.parametrize("key", ["poll_interval_s", "sample_period_s", "tax_rate", "hysteresis_pct"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_config_refuses_non_finite_numbers(key: str, value: str) -> None:
+    from hv.errors import ConfigError
+    from hv.policy.config import parse_config
+    with pytest.raises(ConfigError, match=f"host.{key}: must be a finite number"):
+        parse_config(f"[host]\n{key} = {value}\n", "hv.toml", 1 << 34)
