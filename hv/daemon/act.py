@@ -37,7 +37,7 @@ from hv.policy.reclaim import (
 from hv.qemu.vm import balloon_floor
 from hv.sampler import sampleable_addresses
 
-__all__ = ["act", "resume", "page_out"]
+__all__ = ["act", "resume", "forget_pause", "page_out"]
 
 
 def page_out(m: ManagedVM, n: int) -> tuple[int, int]:
@@ -51,28 +51,25 @@ def page_out(m: ManagedVM, n: int) -> tuple[int, int]:
     return n, native.pageout(info.pid, chosen).invalidated
 
 
+def forget_pause(ctx: Context, m: ManagedVM) -> None:
+    """The VM is no longer hv's to resume: out of its state and of the guard file."""
+    m.paused_by_hv = False
+    ctx.guard.paused.pop(m.name, None)
+    ctx.guard.save()
+
+
 async def resume(ctx: Context, m: ManagedVM, why: str) -> None:
     """Resume a VM hv paused, and forget that it did."""
     await m.vm.resume()
-    m.paused_by_hv = False
-    ctx.guard.paused.pop(m.name, None)
-    ctx.guard.save()
+    forget_pause(ctx, m)
     ctx.log.write("resume", vm=m.name, why=why)
-
-
-def _forget_pause(ctx: Context, m: ManagedVM) -> None:
-    m.paused_by_hv = False
-    ctx.guard.paused.pop(m.name, None)
-    ctx.guard.save()
 
 
 async def act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) -> None:
     """The VM's action job for this tick.  A QEMU that exits marks the VM gone."""
     try:
         await _act(ctx, m, state, defer_swap)
-    except VMGone as exc:
-        m.gone = str(exc)
-    except native.ProcessGone as exc:
+    except (VMGone, native.ProcessGone) as exc:
         m.gone = str(exc)
     except HvError as exc:
         ctx.log.write("act_failed", vm=m.name, error=str(exc))
@@ -87,7 +84,7 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) ->
         m.pause_overridden = False  # a new low episode may pause it again
     if m.paused_by_hv and running:
         # Someone else resumed it: it is theirs now.
-        _forget_pause(ctx, m)
+        forget_pause(ctx, m)
         m.pause_overridden = True
         ctx.log.write("resumed_by_other", vm=m.name)
     if not running and not m.paused_by_hv:
@@ -127,7 +124,7 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) ->
         try:
             await m.vm.pause()
         except BaseException:
-            _forget_pause(ctx, m)
+            forget_pause(ctx, m)
             raise
         m.paused_by_hv = True
         ctx.log.write("pause", vm=m.name, resident_bytes=r.resident_bytes,

@@ -48,7 +48,7 @@ from typing import IO
 
 from hv import paths
 from hv.daemon import status
-from hv.daemon.act import act, resume
+from hv.daemon.act import act, forget_pause, resume
 from hv.daemon.collect import host_available_bytes, collect
 from hv.daemon.managed import Context, ManagedVM
 from hv.daemon.sampling import sample_loop, save_estimator
@@ -542,9 +542,8 @@ class Daemon:
             m.sampler_task.cancel()
         if m.job is not None and not m.job.done():
             m.job.cancel()
-        if m.paused_by_hv:
-            self.guard.paused.pop(m.name, None)
-            self.guard.save()
+        if m.paused_by_hv and self.ctx is not None:
+            forget_pause(self.ctx, m)
         if m in self.vms:
             self.vms.remove(m)
         await self._detach([m])

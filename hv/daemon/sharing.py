@@ -58,7 +58,6 @@ class SharingService:
         self.governor: Governor | None = None
         self.scanner: Scanner | None = None
         self.index: SharingIndex | None = None
-        self.error: str | None = None
         self.pressure = False
         self.urgent = False  # memory is short (soft or worse): no quiet back-off
         self._wake = asyncio.Event()
@@ -76,7 +75,6 @@ class SharingService:
             self.governor = Governor(self.ksm)
             await asyncio.to_thread(self.governor.start)
         except HvError as exc:
-            self.error = str(exc)
             self.ctx.log.write("ksm_unavailable", error=str(exc))
             self.ctx.notify(f"warning: page sharing off: {exc}")
             await self.stop()
