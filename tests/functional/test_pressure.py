@@ -237,6 +237,18 @@ def test_soft_balloons_idle_guests(guests, pressure_swap, locker, state_dir, tmp
     assert_guests_healthy(vms)
 
 
+def press_until(locker: MemoryLocker, level_pct: float, hv: HvRun, event: str,
+                names: list[str], what: str) -> dict[str, Any]:
+    """Lock host memory down to ``level_pct`` and keep it there until hv logs ``event``;
+    the first such event (the VMs' last ticks in the message if it never comes)."""
+    level = locker.lock_until_available(level_pct)
+    print(f"pressure: {level}")
+    try:
+        return chase(locker, level_pct, hv, lambda: hv.events(event), 180, what)[0]
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {describe(hv, names)}") from None
+
+
 def test_hard_swaps_vm_above_target(guests, pressure_swap, locker, state_dir, tmp_path):  # type: ignore[no-untyped-def]
     idle = launch_idle(guests, "idle3", "768M", 600)
     busy = launch_busy(guests, "busy3", "768M", 500)
@@ -244,15 +256,10 @@ def test_hard_swaps_vm_above_target(guests, pressure_swap, locker, state_dir, tm
     names = [g["name"] for g in vms]
     hv = start_hv(tmp_path, vms)
     try:
-        level = locker.lock_until_available(HARD_LEVEL_PCT)
-        print(f"pressure: {level}")
         # The pressure grows into whatever hv frees until hv swaps: ballooning alone
         # cannot cover it, because the busy guest's balloon stops at what it uses.
-        try:
-            swapped = chase(locker, HARD_LEVEL_PCT, hv, lambda: hv.events("swap"), 180,
-                            "hv to swap a VM in the hard state")[0]
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}: {describe(hv, names)}") from None
+        swapped = press_until(locker, HARD_LEVEL_PCT, hv, "swap", names,
+                              "hv to swap a VM in the hard state")
         print(f"swapped: {swapped}; {describe(hv, names)}")
         assert hv.events("state", state="hard"), describe(hv, names)
         # Swapped because it is above its target, and only after hv ballooned.
@@ -283,13 +290,8 @@ def test_low_pauses_then_resumes(guests, pressure_swap, locker, state_dir, tmp_p
     names = [g["name"] for g in vms]
     hv = start_hv(tmp_path, vms)
     try:
-        level = locker.lock_until_available(LOW_LEVEL_PCT)
-        print(f"pressure: {level}")
-        try:
-            paused = chase(locker, LOW_LEVEL_PCT, hv, lambda: hv.events("pause"), 180,
-                           "hv to pause a VM in the low state")[0]
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}: {describe(hv, names)}") from None
+        paused = press_until(locker, LOW_LEVEL_PCT, hv, "pause", names,
+                             "hv to pause a VM in the low state")
         print(f"paused: {paused}; {describe(hv, names)}")
         assert hv.events("state", state="low"), describe(hv, names)
         assert paused["resident_bytes"] > paused["target_bytes"]
