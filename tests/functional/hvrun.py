@@ -123,7 +123,8 @@ class HvRun:
             raise AssertionError(f"hv run exited with {self.proc.returncode}: {self.stderr()}")
 
     def stderr(self) -> str:
-        self._stderr.flush()
+        if not self._stderr.closed:  # also readable once stopped
+            self._stderr.flush()
         return self.stderr_path.read_text()
 
     def stop(self, timeout_s: float = 30) -> int:
