@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hv import paths
-from hv.errors import HvError
+from hv.errors import HostError, HvError
 from hv.host.ksm import Ksm
 from hv.qemu.vm import VM
 
@@ -48,8 +48,14 @@ class GuardFile:
                    bool(data.get("ksm_raised", False)))
 
     def save(self) -> None:
-        paths.write_json_atomic(self.path, {"hv_pid": self.hv_pid, "paused": self.paused,
-                                            "ksm_raised": self.ksm_raised})
+        """Write the record (HostError if it cannot: then hv must not change what it
+        would record)."""
+        try:
+            paths.write_json_atomic(self.path, {"hv_pid": self.hv_pid, "paused": self.paused,
+                                                "ksm_raised": self.ksm_raised})
+        except OSError as exc:
+            raise HostError(f"cannot write the guard file {self.path}: "
+                            f"{exc.strerror or exc}") from exc
 
     @property
     def empty(self) -> bool:

@@ -23,8 +23,12 @@ def write_json_atomic(path: Path, data: object, indent: int | None = None) -> No
     """Write ``data`` as JSON so a reader (or a crash) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=indent))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=indent))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
+        raise
 
 
 def run_dir() -> Path:

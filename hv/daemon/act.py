@@ -20,12 +20,13 @@ paused again until the state has left low (it is still ballooned and swapped).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import numpy as np
 
 from hv.daemon.managed import Context, ManagedVM
-from hv.errors import HvError, VMGone
+from hv.errors import HostError, HvError, VMGone
 from hv.host import native
 from hv.policy import MemState, actions_for, should_pause
 from hv.policy.reclaim import (
@@ -55,7 +56,10 @@ def forget_pause(ctx: Context, m: ManagedVM) -> None:
     """The VM is no longer hv's to resume: out of its state and of the guard file."""
     m.paused_by_hv = False
     ctx.guard.paused.pop(m.name, None)
-    ctx.guard.save()
+    # A full disk keeps the old record: at worst the guardian resumes a VM no longer
+    # paused by hv, which is better than stopping the daemon over it.
+    with contextlib.suppress(HostError):
+        ctx.guard.save()
 
 
 async def resume(ctx: Context, m: ManagedVM, why: str) -> None:
@@ -73,6 +77,11 @@ async def act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) -> 
         m.gone = str(exc)
     except HvError as exc:
         ctx.log.write("act_failed", vm=m.name, error=str(exc))
+        if str(exc) != m.act_problem:  # a persistent failure is told once
+            ctx.notify(f"{m.name}: action failed: {exc}")
+        m.act_problem = str(exc)
+    else:
+        m.act_problem = None
 
 
 async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) -> None:
@@ -120,8 +129,8 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) ->
              and not m.pause_overridden)
     if pause and not m.paused_by_hv:
         ctx.guard.paused[m.name] = m.vm.socket_path
-        ctx.guard.save()  # record before pausing, so the guardian resumes it
         try:
+            ctx.guard.save()  # record before pausing, so the guardian resumes it
             await m.vm.pause()
         except BaseException:
             forget_pause(ctx, m)

@@ -147,6 +147,8 @@ class Daemon:
         self._guard_owned = False
         self.ticks = 0
         self._pool = 0  # the pool at the last decision
+        self._status_problem: str | None = None  # why status.json cannot be written
+        self._kept_pause: dict[str, int] = {}  # VM -> pid hv paused, connection lost
 
     @property
     def log(self) -> EventLog:
@@ -161,7 +163,9 @@ class Daemon:
         config = self._load_config()
         self.config = config
         self._undo_previous_run()
-        log = EventLog(self.options.log_path or (self.dir / "events.jsonl"))
+        log = EventLog(self.options.log_path or (self.dir / "events.jsonl"),
+                       on_error=lambda exc: self.notify(
+                           f"warning: cannot write the event log: {exc}; counting lost events"))
         self.ctx = Context(log, self.guard, self.notify)
         try:
             for cfg in config.vms:
@@ -526,13 +530,26 @@ class Daemon:
                 "run_state": r.run_state if r else None,
                 "guest": r.guest.as_dict() if r else None,
                 "failing": m.failing}
-        status.publish(str(state), free, pool, vms)
+        try:
+            status.publish(str(state), free, pool, vms)
+            self._status_problem = None
+        except HostError as exc:  # a full disk: said once, the last good status stays
+            if self._status_problem is None:
+                self.log.write("status_write_failed", error=str(exc))
+                self.notify(f"warning: {exc}; `hv status` shows an older tick meanwhile")
+            self._status_problem = str(exc)
 
     # -- VMs that go and come back -------------------------------------------------
     async def _drop(self, m: ManagedVM, why: str) -> None:
         """Stop managing ``m`` (its QEMU exited); wait for it to come back."""
         self.log.write("vm_gone", vm=m.name, error=why)
         self.notify(f"{m.name}: gone ({why}); waiting for it to come back")
+        if m.paused_by_hv and proc.alive(m.pid):
+            # Only the connection was lost: the QEMU is still paused by hv.  Its guard
+            # record stays (the guardian resumes it if hv stops first) and a re-attach
+            # to the same process takes it back.
+            self._kept_pause[m.name] = m.pid
+            m.paused_by_hv = False
         await self._forget(m)
         if self.config is not None and any(c.name == m.name for c in self.config.vms):
             self.waiting[m.name] = m.cfg
@@ -575,6 +592,10 @@ class Daemon:
             return
         self._reattach_problem.pop(cfg.name, None)
         self.vms.append(m)
+        if self._kept_pause.pop(m.name, None) == m.pid:
+            m.paused_by_hv = True  # paused by hv before the connection was lost
+        elif m.name in self.guard.paused:
+            forget_pause(self._context(), m)  # another QEMU now: not hv's to resume
         self._start_sampler(m)
         self.log.write("vm_reattached", vm=m.name, pid=m.pid, socket=m.vm.socket_path)
         self.notify(f"{m.name}: back (pid {m.pid}); managed again")

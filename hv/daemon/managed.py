@@ -62,6 +62,7 @@ class ManagedVM:
     next_collect_s: float = 0.0  # when the VM is due again if nothing needs doing
     failing: str | None = None  # why collection fails (logged once)
     gone: str | None = None  # set when the QEMU exited
+    act_problem: str | None = None  # why the last action failed (told once)
     target_bytes: int | None = None
     balloon_asked: int | None = None
     progress: BalloonProgress = field(default_factory=BalloonProgress)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import time
 from collections.abc import Callable
 
 from hv.daemon.managed import Context
-from hv.errors import HvError
-from hv.host.ksm import Ksm
+from hv.errors import HostError, HvError
+from hv.host.ksm import KSM_DIR, Ksm
 from hv.policy import MemState, share_before_swap
 from hv.sharing.governor import Governor, Mode
 from hv.sharing.index import SharingIndex
@@ -46,6 +48,28 @@ STEADY_FRACTION = 0.01
 STEADY_MIN_PAGES = 64
 
 
+def claim_ksm(root: str = KSM_DIR) -> int:
+    """Claim KSM for this hv: one hv governs it at a time, host-wide.
+
+    A second daemon (on another state directory) would save the first one's raised
+    rate as "the original" and put that back when it stops.  The claim is an exclusive
+    flock on KSM's own sysfs directory, so it holds whatever directories each daemon
+    uses, and is released when its holder exits, killed or not.  Returns the fd to
+    keep open; HostError if another process holds it.
+    """
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HostError(f"cannot open {root}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise HostError(f"another hv run governs KSM on this host (it holds {root} "
+                        "locked)") from None
+    return fd
+
+
 class SharingService:
     """Scan rounds on a budget, the governor, and share before swap."""
 
@@ -64,10 +88,12 @@ class SharingService:
         self.swap_deferred_since: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._scan: asyncio.Future[SharingIndex] | None = None
+        self._claim: int | None = None  # the fd of claim_ksm(), while hv governs KSM
 
     async def start(self) -> None:
         """Turn KSM on under the governor (its settings saved first, undone on stop)."""
         try:
+            self._claim = claim_ksm()
             self.ksm = Ksm()
             self.ctx.guard.ksm_raised = True
             self.ctx.guard.save()  # record before changing, so the guardian undoes it
@@ -187,13 +213,19 @@ class SharingService:
         if self.scanner is not None:
             self.scanner.close()
             self.scanner = None
-        if not self.ctx.guard.ksm_raised:
-            return
         try:
-            ksm = self.ksm or Ksm()
-            await asyncio.to_thread(ksm.restore)
-            self.ctx.log.write("ksm_restored", now=await asyncio.to_thread(ksm.tunables))
-        except HvError as exc:
-            self.ctx.log.write("ksm_restore_failed", error=str(exc))
-        self.ctx.guard.ksm_raised = False
-        self.ctx.guard.save()
+            if not self.ctx.guard.ksm_raised:
+                return
+            try:
+                ksm = self.ksm or Ksm()
+                await asyncio.to_thread(ksm.restore)
+                self.ctx.log.write("ksm_restored", now=await asyncio.to_thread(ksm.tunables))
+            except HvError as exc:
+                self.ctx.log.write("ksm_restore_failed", error=str(exc))
+            self.ctx.guard.ksm_raised = False
+            with contextlib.suppress(HostError):  # a full disk: the stop removes it anyway
+                self.ctx.guard.save()
+        finally:
+            if self._claim is not None:
+                os.close(self._claim)  # KSM is as hv found it: another hv may claim it
+                self._claim = None

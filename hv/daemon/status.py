@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hv import paths
+from hv.errors import HostError
 from hv.host import proc
 
 __all__ = ["status_file", "running_status", "publish"]
@@ -51,8 +52,11 @@ def running_status() -> dict[str, Any] | None:
 
 
 def publish(state: str, free_bytes: int, pool_bytes: int, vms: dict[str, Any]) -> None:
-    """Write the snapshot atomically."""
+    """Write the snapshot atomically (HostError if it cannot: the last one stays whole)."""
     pid = os.getpid()
-    paths.write_json_atomic(status_file(), {
-        "pid": pid, "started": _started(pid), "time": time.time(), "state": state,
-        "free_bytes": free_bytes, "pool_bytes": pool_bytes, "vms": vms})
+    try:
+        paths.write_json_atomic(status_file(), {
+            "pid": pid, "started": _started(pid), "time": time.time(), "state": state,
+            "free_bytes": free_bytes, "pool_bytes": pool_bytes, "vms": vms})
+    except OSError as exc:
+        raise HostError(f"cannot write {status_file()}: {exc.strerror or exc}") from exc

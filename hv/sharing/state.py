@@ -191,7 +191,15 @@ def create(path: Path, identity: Identity) -> PageState:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.truncate(total)
+        try:
+            # Real blocks, not a sparse file: a page of the map that the file system
+            # cannot back (a full disk) would kill hv with SIGBUS when first written.
+            os.posix_fallocate(f.fileno(), 0, total)
+        except OSError as exc:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise StateFileError(f"{path}: cannot allocate {total} bytes: "
+                                 f"{exc.strerror or exc}") from exc
         f.write(_HEAD.pack(MAGIC, VERSION, HEADER_BYTES, 0, identity.pages, 0, 0, 0.0, len(ident)))
         f.write(ident)
     os.replace(tmp, path)
