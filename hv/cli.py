@@ -177,7 +177,7 @@ def _params(pairs: list[str]) -> dict[str, str]:
 async def cmd_launch(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise UsageError("--count must be at least 1")
-    mem = _parse_target(args.mem)
+    mem = launcher.check_memory(_parse_target(args.mem))
     verdict = accel_mod.choose()
     if verdict.accel != "kvm":
         print(f"hv: notice: {verdict.reason}", file=sys.stderr)
