@@ -177,14 +177,17 @@ def _params(pairs: list[str]) -> dict[str, str]:
 async def cmd_launch(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise UsageError("--count must be at least 1")
+    # Every argument is checked before the accelerator probe prints anything.
     mem = launcher.check_memory(_parse_target(args.mem))
-    verdict = accel_mod.choose()
-    if verdict.accel != "kvm":
-        print(f"hv: notice: {verdict.reason}", file=sys.stderr)
+    for i in range(1, args.count + 1):
+        launcher.check_name(f"{args.prefix}{i}")
     params = _params(args.param)
     initrd = disk = None
     if args.image == "debian":
         initrd, disk = (str(p) for p in paths.debian_image())
+    verdict = accel_mod.choose()
+    if verdict.accel != "kvm":
+        print(f"hv: notice: {verdict.reason}", file=sys.stderr)
     rows: list[list[object]] = []
     for i in range(1, args.count + 1):
         spec = launcher.GuestSpec(
