@@ -174,9 +174,14 @@ def _params(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+# Guests one `hv launch` starts, at most: each is a QEMU process on this host, and a
+# count beyond this is a typo, not a test fleet.
+MAX_LAUNCH = 256
+
+
 async def cmd_launch(args: argparse.Namespace) -> int:
-    if args.count < 1:
-        raise UsageError("--count must be at least 1")
+    if not 1 <= args.count <= MAX_LAUNCH:
+        raise UsageError(f"--count must be between 1 and {MAX_LAUNCH}")
     # Every argument is checked before the accelerator probe prints anything.
     mem = launcher.check_memory(_parse_target(args.mem))
     for i in range(1, args.count + 1):
