@@ -42,6 +42,7 @@ async def sample_loop(ctx: Context, m: ManagedVM, config: Callable[[], HostConfi
     sampler = Sampler(info.pid, [(r.hva, r.size) for r in info.ram], config().sample_pages, m.rng)
     failing: str | None = None
     suspended: str | None = None
+    unsaved: str | None = None  # why the estimate cannot be saved (said once)
 
     def partial(touched: int, sampled: int) -> None:
         m.estimator.observe_partial(touched, sampled)
@@ -95,7 +96,17 @@ async def sample_loop(ctx: Context, m: ManagedVM, config: Callable[[], HostConfi
         m.estimator.update(res.touched, res.sampled)
         if res.sampled:
             m.measured_pages = res.sampleable
-        save_estimator(m)
+        # -- fault suite (tests/faults, full state disk): an estimate that cannot be
+        # saved is said once; it must not end this task (it used to, silently).
+        try:
+            save_estimator(m)
+            unsaved = None
+        except OSError as exc:
+            if unsaved is None:
+                ctx.log.write("estimator_save_failed", vm=m.name, error=str(exc))
+                ctx.notify(f"{m.name}: cannot write {m.estimator_file}: {exc.strerror or exc}")
+            unsaved = str(exc)
+        # -- end fault suite
         ctx.log.write("sample", vm=m.name, touched=res.touched, sampled=res.sampled,
                       dropped=res.dropped, sampleable=res.sampleable, present=res.present,
                       fraction=res.fraction, vm_s=res.vm_s, wall_s=res.wall_s,
