@@ -42,10 +42,10 @@ class GuardFile:
     def load(cls, path: Path) -> GuardFile:
         try:
             data = json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):
-            return cls(path)
-        return cls(path, int(data.get("hv_pid", 0)), dict(data.get("paused", {})),
-                   bool(data.get("ksm_raised", False)))
+            paused = {str(k): str(v) for k, v in dict(data.get("paused", {})).items()}
+            return cls(path, int(data.get("hv_pid", 0)), paused, bool(data.get("ksm_raised", False)))
+        except (FileNotFoundError, ValueError, TypeError, AttributeError):
+            return cls(path)  # none, torn or garbled: nothing known to undo
 
     def save(self) -> None:
         """Write the record (HostError if it cannot: then hv must not change what it
@@ -87,7 +87,10 @@ def undo(path: Path) -> list[str]:
         try:
             done.append("ksm: restored" if Ksm().restore() else "ksm: nothing to restore")
             guard.ksm_raised = False
-        except HvError as exc:
+        except FileNotFoundError:  # another undo (the next hv's, or a guardian's) did it
+            done.append("ksm: restored already")
+            guard.ksm_raised = False
+        except (HvError, OSError) as exc:
             done.append(f"ksm: cannot restore: {exc}")
     if guard.empty:
         path.unlink(missing_ok=True)

@@ -152,21 +152,13 @@ def small_tmpfs(size: str) -> Iterator[Path]:
 def fill_fs(where: Path) -> Path:
     """Fill the file system holding ``where`` with one file; returns its path."""
     filler = where / "filler"
-    with open(filler, "wb") as f:
-        chunk = b"\xff" * 65536
-        try:
-            while True:
-                f.write(chunk)
-                f.flush()
-        except OSError:
-            pass
-    # The last partial pages too: single bytes until even one byte will not fit.
-    with open(filler, "ab", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\xff" * 512)
-        except OSError:
-            pass
+    with open(filler, "ab", buffering=0) as f:  # unbuffered: nothing left to flush
+        for size in (1 << 20, 65536, 4096, 512, 1):  # big writes, then the last bytes
+            try:
+                while True:
+                    f.write(b"\xff" * size)
+            except OSError:
+                pass
     return filler
 
 
