@@ -196,7 +196,8 @@ def test_qmp_socket_closed(guests, host_swap, state_dir, tmp_path):  # type: ign
     keep = sock + ".keep"
     force = tmp_path / "force"
     force.write_text("")
-    hv = start_hv(tmp_path, {"managed": "300M"}, {
+    # A 350 MiB pool: high, and in forced low qc (short of shares) is paused.
+    hv = start_hv(tmp_path, {"managed": "350M"}, {
         "qc": {"socket": sock, **VICTIM}, "qo": {"socket": other["socket"], **BYSTANDER}},
         "--force-state-file", str(force))
     try:

@@ -49,7 +49,7 @@ def test_state_dir_full(guests, host_swap, tmp_path, monkeypatch):  # type: igno
     again, status, estimates and sharing resume; at stop KSM is restored, the guard file
     removed, and nothing is left mounted.
     """
-    g1 = guests.launch("fs1", mem="256M", workload="hog", hog_mib=120, hog_hold_s=-1)
+    g1 = guests.launch("fs1", mem="256M", workload="hog", hog_mib=150, hog_hold_s=-1)
     g2 = guests.launch("fs2", mem="256M")
     guests.wait_event(g1, "hog_touched", timeout_s=60)
     ksm_before = ksm_snapshot()
@@ -61,7 +61,8 @@ def test_state_dir_full(guests, host_swap, tmp_path, monkeypatch):  # type: igno
         os.truncate(filler, filler.stat().st_size - 512 * 1024)  # 512 KiB left: JSON fits
         log = sd / "daemon" / "events.jsonl"
         config = write_config(tmp_path / "hv.toml", {
-            **HOST, "managed": "1G", "sample_period_s": 2, "share_interval_s": 1}, {
+            # A 550 MiB pool: high, but short of both maxima, so forced soft balloons fs1.
+            **HOST, "managed": "550M", "sample_period_s": 2, "share_interval_s": 1}, {
             "fs1": {"socket": g1["socket"], "min": "96M", "max": "256M", "shares": 50},
             "fs2": {"socket": g2["socket"], **LIMITS}})
         hv = HvRun(config, log, "--force-state-file", str(force))
@@ -100,7 +101,7 @@ def test_state_dir_full(guests, host_swap, tmp_path, monkeypatch):  # type: igno
             wait_for(lambda: [e for e in hv.events("share") if e["ts"] > gap["ts"]], 60,
                      "a sharing round once there is room")
             notices = [ln for ln in hv.stderr().splitlines() if "cannot write" in ln]
-            assert len(notices) <= 3, notices  # once per file kind, not per tick
+            assert len(notices) == len(set(notices)), notices  # once each, not per tick
         finally:
             rc = hv.stop()
         assert rc == 0, hv.stderr()
