@@ -29,6 +29,7 @@ from pathlib import Path
 from tests.conftest import REPO
 
 SYS_PIDFD_GETFD = 438  # x86_64 <asm/unistd_64.h>
+MADV_PAGEOUT = 21  # <asm-generic/mman-common.h> (Python 3.11's mmap lacks it)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -130,7 +131,7 @@ def _fill_swap(size_bytes: int) -> None:
     buf = mmap.mmap(-1, size_bytes)
     for off in range(0, size_bytes, mmap.PAGESIZE):
         buf[off:off + 8] = (off + 1).to_bytes(8, "little")  # no two pages alike (no KSM)
-    buf.madvise(mmap.MADV_PAGEOUT)
+    buf.madvise(MADV_PAGEOUT)
     print("ready", flush=True)
     sys.stdin.read()  # until the parent closes or kills us
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import wait_for
-from tests.functional.hvrun import HvRun, write_config
+from tests.functional.hvrun import HvRun, qmp_status, write_config
 
 # Short periods so each case takes seconds; sharing off unless a case is about it.
 HOST: dict[str, Any] = {"idle_collect_s": 0, "sample_pages": 100, "sample_period_s": 3,
@@ -43,6 +43,14 @@ def guard_paused(state_dir: Path) -> dict[str, str]:
         return dict(json.loads((state_dir / "daemon" / "guard.json").read_text())["paused"])
     except FileNotFoundError:
         return {}
+
+
+def assert_stopped_clean(hv: HvRun, rc: int, *guests: dict[str, Any]) -> None:
+    """hv exited 0 with no traceback, and every guest given runs (not left paused)."""
+    assert rc == 0, hv.stderr()
+    assert_no_traceback(hv)
+    for g in guests:
+        assert qmp_status(g["socket"]) == "running", f"{g['name']} is not running"
 
 
 def assert_no_traceback(hv: HvRun) -> None:

@@ -17,12 +17,12 @@ from tests.conftest import wait_for
 from tests.faults.inject import shut_qmp_connection, wait_proc_file
 from tests.faults.runs import (
     QUIET_SAMPLE_PERIOD_S,
-    assert_no_traceback,
+    assert_stopped_clean,
     guard_paused,
     start_hv,
     ticks_after,
 )
-from tests.functional.hvrun import HvRun, assert_ksm_restored, ksm_snapshot, qmp_status
+from tests.functional.hvrun import HvRun, assert_ksm_restored, ksm_snapshot
 
 pytestmark = pytest.mark.guest
 
@@ -119,11 +119,9 @@ def test_qemu_killed_mid_action(action, guests, host_swap, state_dir, tmp_path):
                  and not hv.last_tick("kb")["paused_by_hv"], 20, "kb running")
     finally:
         rc = hv.stop()
-    assert rc == 0, hv.stderr()
-    assert_no_traceback(hv)
+    assert_stopped_clean(hv, rc, bystander)
     assert "cannot resume" not in hv.stderr() and "hv-guardian" not in hv.stderr(), hv.stderr()
     assert not (state_dir / "daemon" / "guard.json").exists()
-    assert qmp_status(bystander["socket"]) == "running"
     assert_ksm_restored(hv.log, state_dir, ksm_before)
 
 
@@ -174,9 +172,7 @@ def test_qemu_stopped_30s(guests, host_swap, state_dir, tmp_path):  # type: igno
         assert hv.last_tick("ss")["active"]["periods"] >= periods_before
     finally:
         rc = hv.stop()
-    assert rc == 0, hv.stderr()
-    assert_no_traceback(hv)
-    assert qmp_status(hung["socket"]) == "running" and qmp_status(other["socket"]) == "running"
+    assert_stopped_clean(hv, rc, hung, other)
 
 
 def test_qmp_socket_closed(guests, host_swap, state_dir, tmp_path):  # type: ignore[no-untyped-def]
@@ -237,7 +233,5 @@ def test_qmp_socket_closed(guests, host_swap, state_dir, tmp_path):  # type: ign
         if os.path.exists(keep):
             os.rename(keep, sock)
         rc = hv.stop()
-    assert rc == 0, hv.stderr()
-    assert_no_traceback(hv)
-    assert qmp_status(sock) == "running" and qmp_status(other["socket"]) == "running"
+    assert_stopped_clean(hv, rc, vm, other)
     assert not (state_dir / "daemon" / "guard.json").exists()

@@ -7,9 +7,7 @@ removes it afterwards.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +17,10 @@ import pytest
 
 from hv.host import swap
 from hv.units import MiB
-from tests.conftest import hv_cli, wait_for
+from tests.conftest import wait_for
 from tests.faults.inject import SwapFiller
-from tests.faults.runs import assert_no_traceback, start_hv, ticks_after
-from tests.functional.hvrun import HvRun, qmp_status
+from tests.faults.runs import assert_stopped_clean, start_hv, ticks_after
+from tests.functional.hvrun import HvRun, swap_fixture
 
 pytestmark = pytest.mark.guest
 
@@ -36,20 +34,13 @@ def own_swap() -> Iterator[Path]:
     """A swap file of SWAP_BYTES, the host's only swap; removed afterwards."""
     total, _ = swap.totals()
     assert total == 0, f"the host has {total // MiB} MiB of other swap: hv's cannot vanish or fill"
-    d = Path(tempfile.mkdtemp(prefix="hv-fault-swap-", dir="/var/tmp"))
-    env = {"HV_STATE_DIR": str(d / "state")}
-    path = d / "swapfile"
-    done = hv_cli("swap", "create", str(SWAP_BYTES), "--path", str(path), env=env)
-    assert done.returncode == 0, done.stderr
+    made = swap_fixture(size_bytes=SWAP_BYTES)
+    next(made)
     try:
-        yield path
+        (area,) = swap.areas()
+        yield Path(area.path)
     finally:
-        active = any(a.path == str(path) for a in swap.areas())
-        if not active:  # a test turned it off; put it back so `hv swap remove` owns it
-            subprocess.run(["swapon", str(path)], check=True)
-        done = hv_cli("swap", "remove", "--path", str(path), env=env, timeout_s=300)
-        assert done.returncode == 0, done.stderr
-        shutil.rmtree(d, ignore_errors=True)
+        next(made, None)  # `hv swap remove`: a file a test turned off is just deleted
 
 
 def _periods(hv: HvRun, vm: str) -> int:
@@ -111,9 +102,7 @@ def test_swap_removed_while_sampling(guests, own_swap, state_dir, tmp_path):  # 
         _assert_resumed(hv, list(vms), on_ts)
     finally:
         rc = hv.stop()
-    assert rc == 0, hv.stderr()
-    assert_no_traceback(hv)
-    assert qmp_status(g1["socket"]) == "running" and qmp_status(g2["socket"]) == "running"
+    assert_stopped_clean(hv, rc, g1, g2)
 
 
 def test_swap_full(guests, own_swap, state_dir, tmp_path):  # type: ignore[no-untyped-def]
@@ -140,6 +129,4 @@ def test_swap_full(guests, own_swap, state_dir, tmp_path):  # type: ignore[no-un
         _assert_resumed(hv, ["sf1"], time.time())
     finally:
         rc = hv.stop()
-    assert rc == 0, hv.stderr()
-    assert_no_traceback(hv)
-    assert qmp_status(g1["socket"]) == "running"
+    assert_stopped_clean(hv, rc, g1)
