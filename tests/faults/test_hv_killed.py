@@ -88,6 +88,8 @@ def test_hv_killed_20_times(guests, host_swap, state_dir, tmp_path):  # type: ig
             wait_for(lambda: [t for t in ticks_after(hv, name, started, count=1)
                               if t["run_state"] == "running" and not t["paused_by_hv"]],
                      60, f"{name} running, not paused by hv")
+            wait_for(lambda: [e for e in hv.events("sample", vm=name) if e["ts"] > started],
+                     30, f"a sample of {name}")  # an estimate saved by this run too
     finally:
         rc = hv.stop()
     assert rc == 0, hv.stderr()
