@@ -51,6 +51,50 @@ def test_event_log_round_trip(tmp_path: Path) -> None:
     assert list(read_events(tmp_path / "missing")) == []
 
 
+def test_event_log_counts_lines_lost_to_a_full_disk(tmp_path: Path) -> None:
+    """A full disk costs lines, never the daemon: told once, then a log_gap line."""
+    import os
+    path = tmp_path / "events.jsonl"
+    told: list[OSError] = []
+    log = EventLog(path, on_error=told.append)
+    log.write("kept")
+    disk, log._fd = log._fd, os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
+    with open(path, "a") as f:
+        f.write('{"ts": 1, "event": "to')  # the line the disk cut short
+    for i in range(3):
+        log.write("lost", i=i)
+    os.close(log._fd)
+    log._fd = disk
+    log.write("after")
+    log.close()
+    assert len(told) == 1 and "No space" in str(told[0])
+    events = list(read_events(path))
+    assert [e["event"] for e in events] == ["kept", "log_gap", "after"]
+    assert events[1]["lost"] == 3
+
+
+@pytest.mark.parametrize("text", ['{"hv_pid": "x", "paused": ["vm1"]}', '[1, 2]',
+                                  '{"paused": 3}', '{"hv_pid": 1, "pau'])
+def test_guard_file_garbled_is_empty(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "guard.json"
+    path.write_text(text)
+    assert GuardFile.load(path).empty
+
+
+def test_one_hv_governs_ksm() -> None:
+    """The KSM claim is exclusive host-wide and goes with its holder."""
+    import os
+    from hv.daemon.sharing import claim_ksm
+    from hv.errors import HostError
+    fd = claim_ksm()
+    try:
+        with pytest.raises(HostError, match="another hv run governs KSM"):
+            claim_ksm()
+    finally:
+        os.close(fd)
+    os.close(claim_ksm())
+
+
 def test_guard_file_round_trip(tmp_path: Path) -> None:
     g = GuardFile(tmp_path / "guard.json", hv_pid=42)
     assert g.empty
