@@ -71,10 +71,11 @@ class StallSample:
 @dataclass(frozen=True)
 class ResourceSample:
     t: float
-    rss_bytes: int
+    rss_bytes: int  # anonymous memory, resident or swapped: where a leak shows
     fds: int
     cpu_s: float  # hv's user + system time
     log_bytes: int
+    file_rss_bytes: int = 0  # mapped files and shared memory, resident
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,8 @@ def growth(samples: Sequence[ResourceSample], t_warm: float | None = None) -> di
         "rss_max_mib": round(max(s.rss_bytes for s in samples) / MiB, 1),
         "rss_growth_mib": round(rss_growth / MiB, 2),
         "rss_flat": rss_growth <= RSS_TOLERANCE_BYTES,
+        "file_rss_start_mib": round(judged[0].file_rss_bytes / MiB, 1),
+        "file_rss_end_mib": round(samples[-1].file_rss_bytes / MiB, 1),
         "fds_min": min(s.fds for s in samples), "fds_max": max(s.fds for s in samples),
         "fds_end": samples[-1].fds, "fd_growth": fd_growth,
         "fds_flat": fd_growth <= FD_TOLERANCE,

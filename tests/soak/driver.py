@@ -185,14 +185,14 @@ def proc_stat_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident plus swapped: under host pressure the kernel may swap hv's own pages, and
-    a leak must not hide there."""
-    out = 0
+def memory_of(pid: int) -> dict[str, int]:
+    """hv's memory from /proc/PID/status, bytes: RssAnon, RssFile, RssShmem, VmSwap."""
+    out = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith(("VmRSS:", "VmSwap:")):
-                out += int(line.split()[1]) * 1024
+            key, _, rest = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem", "VmSwap"):
+                out[key] = int(rest.split()[0]) * 1024
     return out
 
 
@@ -392,9 +392,10 @@ class Soak:
         pid = self.hv.pid
         while not self.stop.wait(self.timing.resource_every_s):
             try:
+                mem = memory_of(pid)
                 self.resources.append(ResourceSample(
-                    time.time(), rss_bytes(pid), len(os.listdir(f"/proc/{pid}/fd")),
-                    proc_stat_cpu_s(pid), self.log_bytes()))
+                    time.time(), mem["RssAnon"] + mem["VmSwap"], len(os.listdir(f"/proc/{pid}/fd")),
+                    proc_stat_cpu_s(pid), self.log_bytes(), mem["RssFile"] + mem["RssShmem"]))
             except OSError:
                 pass
 
@@ -683,12 +684,15 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["", "## hv's resources", ""]
     if res.get("judged"):
         lines += [
-            f"- RSS (resident + swapped): {res['rss_start_mib']} MiB after the warm-up "
+            f"- RSS (anonymous, resident + swapped): {res['rss_start_mib']} MiB after the warm-up "
             f"({res['warm_up_s']} s: a tour of every state), {res['rss_end_mib']} MiB at the end, max "
             f"{res['rss_max_mib']} MiB; growth (median of the last third minus the first third, "
             f"after the warm-up) {res['rss_growth_mib']} MiB",
-            "- over time (min: RSS MiB / fds): " + ", ".join(
-                f"{(s['t'] - samples[0]['t']) / 60:.0f}: {s['rss_bytes'] / MiB:.0f}/{s['fds']}"
+            f"- file-backed RSS (mapped files, shared memory; not a heap leak, shown apart): "
+            f"{res['file_rss_start_mib']} MiB after the warm-up, {res['file_rss_end_mib']} MiB at the end",
+            "- over time (min: anonymous RSS + swap MiB / file RSS MiB / fds): " + ", ".join(
+                f"{(s['t'] - samples[0]['t']) / 60:.1f}: {s['rss_bytes'] / MiB:.0f}/"
+                f"{s['file_rss_bytes'] / MiB:.0f}/{s['fds']}"
                 for s in samples[:: max(1, len(samples) // 12)]),
             f"- open fds: {res['fds_min']}-{res['fds_max']}, {res['fds_end']} at the end; growth "
             f"{res['fd_growth']}",
