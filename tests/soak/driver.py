@@ -197,7 +197,9 @@ def memory_of(pid: int) -> dict[str, int]:
 
 
 class Soak:
-    def __init__(self, minutes: float, seed: int, report: Path, keep: bool) -> None:
+    def __init__(self, minutes: float, seed: int, report: Path, keep: bool,
+                 hv_env: dict[str, str] | None = None) -> None:
+        self.hv_env = hv_env or {}
         self.minutes = minutes
         self.seed = seed
         self.rng = random.Random(seed)
@@ -348,7 +350,7 @@ class Soak:
         self.hv = subprocess.Popen(
             [sys.executable, "-m", "hv.cli", "run", "--config", str(self.config_path),
              "--log", str(self.log_path)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.hv_stderr, env=dict(os.environ))
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.hv_stderr, env={**os.environ, **self.hv_env})
         status = self.state_dir / "daemon" / "status.json"
         if not wait_until(lambda: status.exists() or self.hv.poll() is not None, 60):
             raise RuntimeError("hv run published no status in 60 s")
@@ -591,7 +593,7 @@ class Soak:
         log_files = [{"path": os.path.basename(p), "bytes": os.path.getsize(p)}
                      for p in self.log_files() if os.path.exists(p)]
         report: dict[str, Any] = {
-            "minutes": self.minutes, "seed": self.seed,
+            "minutes": self.minutes, "seed": self.seed, "hv_env": self.hv_env,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t_start)),
             "poll_interval_s": POLL_INTERVAL_S, "sample_period_s": SAMPLE_PERIOD_S,
             "guests": {
@@ -717,13 +719,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, default=None,
                     help="report path without suffix (default: soak-<N>min in the current directory)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (event log, consoles)")
+    ap.add_argument("--hv-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for `hv run` only (experiments, e.g. MALLOC_ARENA_MAX=2)")
     args = ap.parse_args(argv)
     if not args.minutes > 0:
         ap.error("--minutes must be > 0")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     report = args.report or Path(f"soak-{args.minutes:g}min")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    soak = Soak(args.minutes, seed, report, args.keep)
+    hv_env = dict(kv.split("=", 1) for kv in args.hv_env if "=" in kv)
+    soak = Soak(args.minutes, seed, report, args.keep, hv_env)
     log(f"seed {seed}, work directory {soak.work}")
     try:
         result = soak.run()
