@@ -146,13 +146,13 @@ async def drive(sock: Path) -> list[str]:
     """Attach and use the VM as hv does; returns what happened at each step."""
     vm = VM("peer", str(sock))
     outcome = []
-    steps = [("attach", vm.attach), ("status", vm.status), ("balloon_actual", vm.balloon_actual),
+    steps: list[tuple[str, Any]] = [("attach", vm.attach), ("status", vm.status), ("balloon_actual", vm.balloon_actual),
              ("guest_stats", lambda: vm.guest_stats(wait_s=0)),
              ("set_balloon", lambda: vm.set_balloon(128 * MiB, force=True))]
     try:
         for name, step in steps:
             try:
-                got = await asyncio.wait_for(step(), STEP_TIMEOUT_S)
+                got: Any = await asyncio.wait_for(step(), STEP_TIMEOUT_S)
             except HvError as exc:
                 text = one_line(exc)
                 assert text.startswith("peer: "), text

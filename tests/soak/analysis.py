@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,7 +108,7 @@ def late_ticks(tick_times: Sequence[float], poll_interval_s: float,
                stalls: Sequence[StallSample]) -> dict[str, Any]:
     """Intervals between ticks over 2x the poll interval, each with the host's stall."""
     times = sorted(tick_times)
-    late = []
+    late: list[dict[str, Any]] = []
     for a, b in zip(times, times[1:]):
         gap = b - a
         if gap <= 2 * poll_interval_s:
@@ -133,8 +133,8 @@ def late_ticks(tick_times: Sequence[float], poll_interval_s: float,
         "late": len(late),
         "late_excused": len(late) - len(unexcused),
         "late_unexcused": len(unexcused),
-        "worst_delay_s": max((x["delay_s"] for x in late), default=0.0),
-        "worst_unexcused_delay_s": max((x["delay_s"] for x in unexcused), default=0.0),
+        "worst_delay_s": max((float(x["delay_s"]) for x in late), default=0.0),
+        "worst_unexcused_delay_s": max((float(x["delay_s"]) for x in unexcused), default=0.0),
         "late_list": late,
     }
 
@@ -195,7 +195,7 @@ def pauses(events: Sequence[dict[str, Any]], still_paused: Sequence[str]) -> dic
             "mistakes": mistakes}
 
 
-def console_problems(consoles: dict[str, Sequence[str]]) -> dict[str, list[str]]:
+def console_problems(consoles: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     """Per guest, the OOM killer's traces and workloads that died, from its console logs."""
     out: dict[str, list[str]] = {}
     for vm, texts in consoles.items():

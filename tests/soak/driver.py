@@ -122,30 +122,42 @@ class Timing:
 
 
 class EventTail:
-    """Reads new lines of the event log as it grows."""
+    """Reads new lines of the event log as it grows, across a rotation (``PATH`` renamed
+    to ``PATH.1`` and a new ``PATH`` started)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = 0
+        self.inode: int | None = None
         self.events: list[dict[str, Any]] = []
         self.lock = threading.Lock()
+
+    def _read(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n")
+        if end >= 0:
+            for line in data[: end + 1].splitlines():
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    continue
+            self.offset += end + 1
 
     def poll(self) -> list[dict[str, Any]]:
         with self.lock:
             try:
-                with open(self.path, "rb") as f:
-                    f.seek(self.offset)
-                    data = f.read()
+                inode = os.stat(self.path).st_ino
+                if self.inode is not None and inode != self.inode:  # rotated: finish the old file
+                    old = self.path.with_name(self.path.name + ".1")
+                    if old.exists() and os.stat(old).st_ino == self.inode:
+                        self._read(old)
+                    self.offset = 0
+                self.inode = inode
+                self._read(self.path)
             except FileNotFoundError:
-                return self.events
-            end = data.rfind(b"\n")
-            if end >= 0:
-                for line in data[: end + 1].splitlines():
-                    try:
-                        self.events.append(json.loads(line))
-                    except ValueError:
-                        continue
-                self.offset += end + 1
+                pass
             return self.events
 
     def find(self, event: str, after: float, **match: Any) -> dict[str, Any] | None:
@@ -153,7 +165,8 @@ class EventTail:
             if e.get("ts", 0) < after:
                 return None
             if e.get("event") == event and all(e.get(k) == v for k, v in match.items()):
-                return e
+                found: dict[str, Any] = e
+                return found
         return None
 
 
