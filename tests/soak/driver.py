@@ -211,8 +211,9 @@ def memory_of(pid: int) -> dict[str, int]:
 
 class Soak:
     def __init__(self, minutes: float, seed: int, report: Path, keep: bool,
-                 hv_env: dict[str, str] | None = None) -> None:
+                 hv_env: dict[str, str] | None = None, trace_malloc: bool = False) -> None:
         self.hv_env = hv_env or {}
+        self.trace_malloc = trace_malloc
         self.minutes = minutes
         self.seed = seed
         self.rng = random.Random(seed)
@@ -360,10 +361,13 @@ class Soak:
     def start_hv(self) -> None:
         self.write_config()
         self.hv_stderr = open(self.work / "hv.stderr", "wb")
+        module, env = "hv.cli", {**os.environ, **self.hv_env}
+        if self.trace_malloc:
+            module, env["HV_SOAK_TRACE"] = "tests.soak.hv_traced", str(self.work / "malloc")
         self.hv = subprocess.Popen(
-            [sys.executable, "-m", "hv.cli", "run", "--config", str(self.config_path),
+            [sys.executable, "-m", module, "run", "--config", str(self.config_path),
              "--log", str(self.log_path)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.hv_stderr, env={**os.environ, **self.hv_env})
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.hv_stderr, env=env)
         status = self.state_dir / "daemon" / "status.json"
         if not wait_until(lambda: status.exists() or self.hv.poll() is not None, 60):
             raise RuntimeError("hv run published no status in 60 s")
@@ -371,6 +375,16 @@ class Soak:
             raise RuntimeError(f"hv run exited with {self.hv.returncode}: "
                                f"{(self.work / 'hv.stderr').read_text().strip()}")
         log(f"hv run started (pid {self.hv.pid})")
+
+    def malloc_snapshot(self) -> None:
+        """With --trace-malloc: ask hv for a tracemalloc snapshot and wait for the file."""
+        if not self.trace_malloc or not self.hv_alive():
+            return
+        assert self.hv is not None
+        n = len(glob.glob(str(self.work / "malloc.*"))) + 1
+        self.hv.send_signal(signal.SIGUSR2)
+        wait_until(lambda: (self.work / f"malloc.{n}").exists(), 60, 0.5)
+        time.sleep(2)  # the dump is written in one go; let it finish
 
     def hv_alive(self) -> bool:
         return self.hv is not None and self.hv.poll() is None
@@ -447,6 +461,7 @@ class Soak:
             chase = self.rng.random() < 0.5 or len(tour) > 0
             if not tour and self.t_warm is None and len(self.phases) >= len(TOUR_PCT):
                 self.t_warm = time.time()
+                self.malloc_snapshot()
             phase = {"at": time.time(), "level_pct": level, "s": round(length, 1), "chase": chase}
             got = self.locker.set_level(level)
             phase["locked_mib"] = got.locked_bytes // MiB
@@ -547,6 +562,7 @@ class Soak:
                 self.stop.wait(1.0)
             chaos.join(REATTACH_TIMEOUT_S + 2 * EVENT_TIMEOUT_S)
             self.t_end = time.time()
+            self.malloc_snapshot()
             self.stop.set()
             for t in threads:
                 t.join(10)
@@ -631,6 +647,10 @@ class Soak:
                           "rotation_events": sum(1 for e in events if "rotat" in str(e.get("event")))},
             "cleanup": self.cleanup_report,
         }
+        snaps = sorted(glob.glob(str(self.work / "malloc.*")))
+        if len(snaps) >= 2:
+            from tests.soak.hv_traced import compare
+            report["malloc_growth_after_warm_up"] = compare(snaps[0], snaps[-1])
         report["promises"] = analysis.promises(report)
         report["ok"] = all(p["ok"] for p in report["promises"].values())
         self.report_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -732,6 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, default=None,
                     help="report path without suffix (default: soak-<N>min in the current directory)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (event log, consoles)")
+    ap.add_argument("--trace-malloc", action="store_true",
+                    help="run hv under tracemalloc and report what grew after the warm-up "
+                         "(a diagnostic: it slows hv, so its ticks and CPU are not hv's)")
     ap.add_argument("--hv-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for `hv run` only (experiments, e.g. MALLOC_ARENA_MAX=2)")
     args = ap.parse_args(argv)
@@ -741,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     report = args.report or Path(f"soak-{args.minutes:g}min")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     hv_env = dict(kv.split("=", 1) for kv in args.hv_env if "=" in kv)
-    soak = Soak(args.minutes, seed, report, args.keep, hv_env)
+    soak = Soak(args.minutes, seed, report, args.keep, hv_env, args.trace_malloc)
     log(f"seed {seed}, work directory {soak.work}")
     try:
         result = soak.run()
