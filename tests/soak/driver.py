@@ -739,6 +739,10 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [f"- event log: {el['bytes'] / MiB:.1f} MiB in {len(el['files'])} file(s) "
               f"({res.get('log_mib_per_hour', '?')} MiB/hour); rotation: "
               + ("yes" if el["rotated"] or el["rotation_events"] else "none (one file, growing)")]
+    if r.get("malloc_growth_after_warm_up"):
+        lines += ["", "## What grew after the warm-up (tracemalloc, --trace-malloc)", ""]
+        lines += [f"- +{g['growth_kib']:.0f} KiB ({g['blocks_growth']:+d} blocks, {g['now_kib']:.0f} KiB "
+                  f"live): {' <- '.join(g['where'])}" for g in r["malloc_growth_after_warm_up"]]
     lines += ["", "## Pressure phases", "",
               ", ".join(f"{p['level_pct']} % {p['s']:.0f} s{' (chase)' if p['chase'] else ''}"
                         for p in r["pressure_phases"])]
