@@ -144,7 +144,9 @@ def failures(events: Iterable[dict[str, Any]], kills: Sequence[Kill]) -> dict[st
     def explained(e: dict[str, Any]) -> bool:
         for k in kills:
             end = k.t_reattached if k.t_reattached is not None else float("inf")
-            if e.get("vm") == k.vm and k.t_kill - KILL_GRACE_S <= e["ts"] <= end + KILL_GRACE_S:
+            # Events about one VM name it in "vm"; the sharing scan's name it in the error.
+            about = e.get("vm") == k.vm or ("vm" not in e and f"{k.vm}:" in str(e.get("error")))
+            if about and k.t_kill - KILL_GRACE_S <= e["ts"] <= end + KILL_GRACE_S:
                 return True
         return False
 

@@ -70,10 +70,11 @@ def test_failures_of_a_killed_vm_are_explained_and_others_are_not() -> None:
     events = [{"ts": 102, "event": "collect_failed", "vm": "a", "error": "gone"},
               {"ts": 200, "event": "act_failed", "vm": "a", "error": "balloon"},
               {"ts": 102, "event": "act_failed", "vm": "b", "error": "balloon"},
-              {"ts": 102, "event": "balloon", "vm": "b"}]
+              {"ts": 102, "event": "balloon", "vm": "b"},
+              {"ts": 103, "event": "share_failed", "error": "a: process 18231 does not exist"}]
     got = failures(events, [kill])
-    assert got["total"] == 3 and got["unexplained"] == 2
-    assert got["by_event"] == {"collect_failed": 1, "act_failed": 2}
+    assert got["total"] == 4 and got["unexplained"] == 2
+    assert got["by_event"] == {"collect_failed": 1, "act_failed": 2, "share_failed": 1}
 
 
 def test_console_oom_and_dead_workloads_are_found() -> None:
