@@ -740,9 +740,12 @@ def markdown(r: dict[str, Any]) -> str:
               f"({res.get('log_mib_per_hour', '?')} MiB/hour); rotation: "
               + ("yes" if el["rotated"] or el["rotation_events"] else "none (one file, growing)")]
     if r.get("malloc_growth_after_warm_up"):
-        lines += ["", "## What grew after the warm-up (tracemalloc, --trace-malloc)", ""]
+        m = r["malloc_growth_after_warm_up"]
+        lines += ["", "## What grew after the warm-up (tracemalloc, --trace-malloc)", "",
+                  f"Live memory Python traced (objects and numpy arrays): {m['traced_mib_first']} MiB "
+                  f"after the warm-up, {m['traced_mib_last']} MiB at the end.", ""]
         lines += [f"- +{g['growth_kib']:.0f} KiB ({g['blocks_growth']:+d} blocks, {g['now_kib']:.0f} KiB "
-                  f"live): {' <- '.join(g['where'])}" for g in r["malloc_growth_after_warm_up"]]
+                  f"live): {' <- '.join(g['where'])}" for g in m["sites"]]
     lines += ["", "## Pressure phases", "",
               ", ".join(f"{p['level_pct']} % {p['s']:.0f} s{' (chase)' if p['chase'] else ''}"
                         for p in r["pressure_phases"])]

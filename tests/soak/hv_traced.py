@@ -27,8 +27,8 @@ def _dump(*_: Any) -> None:
     tracemalloc.take_snapshot().dump(f"{base}.{n}")
 
 
-def compare(first: str, last: str, top: int = 15) -> list[dict[str, Any]]:
-    """The sites whose live allocations grew most from ``first`` to ``last``."""
+def compare(first: str, last: str, top: int = 15) -> dict[str, Any]:
+    """Live traced memory in ``first`` and ``last``, and the sites that grew most."""
     a = tracemalloc.Snapshot.load(first)
     b = tracemalloc.Snapshot.load(last)
     out = []
@@ -37,7 +37,8 @@ def compare(first: str, last: str, top: int = 15) -> list[dict[str, Any]]:
                   for f in stat.traceback]
         out.append({"growth_kib": round(stat.size_diff / 1024, 1), "now_kib": round(stat.size / 1024, 1),
                     "blocks_growth": stat.count_diff, "where": [x for x in frames if "hv/" in x][:6] or frames[:3]})
-    return out
+    total = [round(sum(s.size for s in snap.statistics("filename")) / 2**20, 1) for snap in (a, b)]
+    return {"traced_mib_first": total[0], "traced_mib_last": total[1], "sites": out}
 
 
 if __name__ == "__main__":
