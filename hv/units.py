@@ -8,6 +8,7 @@ refused with a :class:`~hv.errors.UsageError`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from fractions import Fraction
@@ -48,9 +49,18 @@ def parse_size(text: str) -> int:
 
 
 def format_size(nbytes: int | float) -> str:
-    """Print bytes the way a person reads them: ``512.0M``, ``1.50G``."""
+    """Print bytes the way a person reads them: ``512.0M``, ``1.50G``.
+
+    Any number prints, so a message about a bad value never fails itself: a
+    non-finite one as ``nan`` or ``inf``, an int past a float's range as ``~2^N B``.
+    """
+    if isinstance(nbytes, float) and not math.isfinite(nbytes):
+        return str(nbytes)
     sign = "-" if nbytes < 0 else ""
-    n = abs(float(nbytes))
+    try:
+        n = abs(float(nbytes))
+    except OverflowError:  # an int past a float: its order of magnitude
+        return f"{sign}~2^{abs(int(nbytes)).bit_length() - 1}B"
     for suffix, unit in (("T", TiB), ("G", GiB), ("M", MiB), ("K", KiB)):
         if n >= unit:
             value = n / unit

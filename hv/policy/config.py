@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 from hv.errors import ConfigError, UsageError
 from hv.policy.shares import DEFAULT_TAX_RATE
 from hv.policy.states import DEFAULT_HYSTERESIS_PCT, DEFAULT_THRESHOLDS, Thresholds
-from hv.units import format_size, parse_size
+from hv.units import MAX_SIZE_BYTES, format_size, parse_size
 
 __all__ = [
     "DEFAULT_SAMPLE_PAGES",
@@ -164,6 +164,8 @@ class _Reader:
         value = self.table.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(key, f"must be a number, not {_describe(value)}")
+        if isinstance(value, int) and abs(value) > MAX_SIZE_BYTES:
+            self.fail(key, f"{_short(value)} is out of range")  # and maybe past a float
         if not math.isfinite(value):  # nan passes every comparison test below it
             self.fail(key, f"must be a finite number, not {value}")
         return float(value)
@@ -172,6 +174,8 @@ class _Reader:
         value = self.table.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             self.fail(key, f"must be a whole number, not {_describe(value)}")
+        if abs(value) > MAX_SIZE_BYTES:  # TOML's integers are 64-bit; tomllib's are not
+            self.fail(key, f"{_short(value)} is out of range (at most {MAX_SIZE_BYTES})")
         return int(value)
 
     def size(self, key: str) -> int | None:
@@ -182,7 +186,10 @@ class _Reader:
             self.fail(key, f"must be a size such as \"512M\", not {_describe(value)}")
         if isinstance(value, int):
             if value < 0:
-                self.fail(key, f"must not be negative, got {value}")
+                self.fail(key, f"must not be negative, got {_short(value)}")
+            if value > MAX_SIZE_BYTES:
+                self.fail(key, f"{_short(value)} bytes is too large (at most "
+                               f"{format_size(MAX_SIZE_BYTES)})")
             return value
         if value.strip().startswith("-"):
             self.fail(key, f"must not be negative, got {value!r}")
@@ -206,6 +213,12 @@ class _Reader:
         return value
 
 
+def _short(value: int) -> str:
+    """An integer for a message: a 400-digit one is not shown whole."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} digits)"
+
+
 def _describe(value: object) -> str:
     """A value as the user wrote it, for messages."""
     kind = {bool: "boolean", int: "integer", float: "number", str: "string",
@@ -227,7 +240,7 @@ def parse_config(
     """
     try:
         doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer of over 4300 digits
         raise ConfigError(f"{source_name}: not valid TOML: {exc}") from exc
     top = _Reader(source_name, "", doc, frozenset({"host", "vm"}))
     host = _parse_host(source_name, top.table_of("host"), host_memory_bytes)

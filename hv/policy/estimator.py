@@ -180,7 +180,7 @@ class WorkingSetEstimator:
             est = cls(fast_gain=float(data["fast_gain"]), slow_gain=float(data["slow_gain"]))
             values = [_fraction_or_none(data[key]) for key in ("slow", "fast", "current")]
             periods = data["periods"]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # 1e400 as an int: OverflowError
             raise StateFileError(f"working-set estimator state is unusable: {exc!r}") from exc
         if not isinstance(periods, int) or isinstance(periods, bool) or periods < 0:
             raise StateFileError(f"working-set estimator state: bad periods {periods!r}")
