@@ -1,8 +1,10 @@
 """``hv bench FIGURE``: the paper's experiments on real guests.
 
-Each handler builds its experiment's configuration from the arguments (bad input is a
-:class:`~hv.errors.UsageError` before anything starts), runs it with progress lines
-on stdout, prints the result table and where the JSON and PNG went.  The exit code
+Every experiment module offers the same few names: ``add_arguments(parser)``,
+``config_from_args(args)`` (bad input is a :class:`~hv.errors.UsageError` before
+anything starts), ``run(config, progress)`` and ``format_result(result)``, whose result
+has ``plot``, ``data`` and ``complete``.  The handler runs it with progress lines on
+stdout, prints the result table and where the JSON and PNG went.  The exit code
 is 0, or 3 when the run finished but missed what it measures (a policy that did not
 converge, a shape the paper shows that this run does not).
 """
@@ -10,6 +12,7 @@ converge, a shape the paper shows that this run does not).
 from __future__ import annotations
 
 import argparse
+import importlib
 from typing import Any
 
 __all__ = ["register"]
@@ -21,24 +24,22 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-async def cmd_bench_sharing(args: argparse.Namespace) -> int:
-    from hv.bench import sharing
-
-    cfg = sharing.BenchConfig.from_args(args)
-    result = await sharing.run(cfg, progress=_say)
-    print(sharing.format_result(result))
+async def _run(module: str, args: argparse.Namespace) -> int:
+    """Configure, run and report one experiment (``hv.bench.MODULE``)."""
+    bench = importlib.import_module(f"hv.bench.{module}")
+    cfg = bench.config_from_args(args)
+    result = await bench.run(cfg, progress=_say)
+    print(bench.format_result(result))
     print(f"plot: {result.plot}\ndata: {result.data}")
-    return 0 if result.all_converged else MISSED
+    return 0 if result.complete else MISSED
+
+
+async def cmd_bench_sharing(args: argparse.Namespace) -> int:
+    return await _run("sharing", args)
 
 
 async def cmd_bench_sampling(args: argparse.Namespace) -> int:
-    from hv.bench import sampling
-
-    cfg = sampling.SamplingConfig.from_args(args)
-    result = await sampling.run(cfg, progress=_say)
-    print(sampling.format_result(result))
-    print(f"plot: {result.plot}\ndata: {result.data}")
-    return 0 if result.shapes_hold else MISSED
+    return await _run("sampling", args)
 
 
 def register(subparsers: Any) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hv.bench import report
+from hv.bench.args import int_list
 from hv.bench.fleet import Fleet, GuestPlan, Progress, console_events, refuse_if_daemon, wait_event
 from hv.errors import UsageError
 from hv.policy import VMClock, WorkingSetEstimator
@@ -42,8 +43,8 @@ from hv.qemu.vm import VM
 from hv.sampler import Sampler, check_can_sample, follow_vm_time
 from hv.units import MiB, PAGE_SIZE, parse_size, table
 
-__all__ = ["SamplingConfig", "SamplingResult", "add_arguments", "run", "format_result",
-           "analyse", "TRACK_POINTS"]
+__all__ = ["SamplingConfig", "SamplingResult", "add_arguments", "config_from_args", "run",
+           "format_result", "analyse", "TRACK_POINTS"]
 
 TRACK_POINTS = 15.0  # the issue's bound: percentage points of the sampleable memory
 GUEST_RESERVE_MIB = 128  # the guest's kernel, init and page cache beside the toucher
@@ -78,12 +79,9 @@ class SamplingConfig:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "SamplingConfig":
-        try:
-            phases = tuple(int(x) for x in a.phases.split(","))
-        except ValueError as exc:
-            raise UsageError(f"--phases takes MiB numbers separated by commas, not {a.phases!r}") from exc
-        if len(phases) < 2 or min(phases) < 1:
-            raise UsageError("--phases needs at least two working sets of at least 1 MiB")
+        phases = int_list("--phases", a.phases)
+        if len(phases) < 2:
+            raise UsageError("--phases needs at least two working sets")
         mem = parse_size(a.mem)
         if (max(phases) + GUEST_RESERVE_MIB) * MiB > mem:
             raise UsageError(f"--phases: a {max(phases)} MiB working set needs a guest of at "
@@ -96,6 +94,10 @@ class SamplingConfig:
         if a.sample_pages < 1:
             raise UsageError("--sample-pages must be at least 1")
         return cls(mem, phases, a.phase, a.period, a.sample_pages, a.name, Path(a.out))
+
+
+def config_from_args(a: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig.from_args(a)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,6 +127,11 @@ class SamplingResult:
     @property
     def shapes_hold(self) -> bool:
         return all(p["shapes_hold"] for p in self.phases)
+
+    @property
+    def complete(self) -> bool:
+        """What ``hv bench`` exits 0 on: every shape held."""
+        return self.shapes_hold
 
 
 # -- the run -------------------------------------------------------------------------

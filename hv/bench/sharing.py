@@ -36,6 +36,7 @@ from typing import Any
 
 from hv import paths
 from hv.bench import report
+from hv.bench.args import int_list
 from hv.bench.fleet import Fleet, GuestPlan, Progress, refuse_if_daemon
 from hv.errors import HvError, UsageError
 from hv.host.ksm import Ksm
@@ -45,7 +46,8 @@ from hv.sharing.index import SharingIndex
 from hv.sharing.scan import Scanner, Target
 from hv.units import PAGE_SIZE, MiB, format_size, parse_size, table
 
-__all__ = ["BenchConfig", "RunResult", "BenchResult", "add_arguments", "run", "format_result"]
+__all__ = ["BenchConfig", "RunResult", "BenchResult", "add_arguments", "config_from_args", "run",
+           "format_result"]
 
 # hv runs last: with use_zero_pages KSM maps zero pages to the zero page, and run=2 leaves
 # them there (they are legitimate mappings), so a policy after hv would start ahead.
@@ -76,12 +78,7 @@ class BenchConfig:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "BenchConfig":
-        try:
-            vms = tuple(int(x) for x in a.vms.split(","))
-        except ValueError as exc:
-            raise UsageError(f"--vms takes numbers separated by commas, not {a.vms!r}") from exc
-        if not vms or min(vms) < 1:
-            raise UsageError("--vms: every count must be at least 1")
+        vms = int_list("--vms", a.vms)
         policies = tuple(p.strip() for p in a.policies.split(","))
         bad = [p for p in policies if p not in POLICIES]
         if bad:
@@ -104,6 +101,10 @@ class BenchConfig:
         return cls(vms, policies, parse_size(a.mem), a.workload, tuple(params), a.timeout,
                    a.steady, a.scan_period, a.ksmtuned_period, a.prefix, Path(a.out), a.image,
                    debian_dir, max(0, a.retries))
+
+
+def config_from_args(a: argparse.Namespace) -> BenchConfig:
+    return BenchConfig.from_args(a)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,6 +169,11 @@ class BenchResult:
     @property
     def all_converged(self) -> bool:
         return all(r.converged for r in self.runs)
+
+    @property
+    def complete(self) -> bool:
+        """What ``hv bench`` exits 0 on: every policy converged."""
+        return self.all_converged
 
 
 # -- policies ------------------------------------------------------------------------
