@@ -230,6 +230,11 @@ def _ws_at(changes: list[tuple[float, int]], t_s: float) -> int:
     return ws
 
 
+def _median_sampleable(periods: list[dict[str, Any]]) -> int:
+    """The sampleable pages of a typical period (they drift as the sample swaps pages out)."""
+    return sorted(p["sampleable"] for p in periods)[len(periods) // 2] if periods else 0
+
+
 def _truth(ws_mib: int, sampleable: int) -> float:
     return min(1.0, ws_mib * MiB / (max(sampleable, 1) * PAGE_SIZE))
 
@@ -237,7 +242,7 @@ def _truth(ws_mib: int, sampleable: int) -> float:
 def analyse(result: SamplingResult, period_s: float) -> list[dict[str, Any]]:
     """Tracking error and lag per phase, and whether the issue's shapes hold."""
     good = [p for p in result.periods if p["discarded"] is None and p["sampleable"]]
-    sampleable = sorted(p["sampleable"] for p in good)[len(good) // 2] if good else 0
+    sampleable = _median_sampleable(good)
     points = ([(p["end_s"], p["max"], p["sampleable"]) for p in good]
               + [(q["t_s"], q["max"], sampleable) for q in result.partials])
     points.sort()
@@ -301,11 +306,12 @@ def save_plot(result: SamplingResult) -> None:
     plt = report.pyplot()
     good = [p for p in result.periods if p["discarded"] is None]
     fig, ax = plt.subplots(figsize=(11, 5.5))
-    # the true working set, as a step over time, in % of the sampleable memory of each period
-    ts = [0.0] + [p["end_s"] for p in good]
-    truth = [100 * _truth(_ws_at(result.changes, t), p["sampleable"])
-             for t, p in zip(ts, [good[0]] + good)] if good else []
-    ax.step(ts, truth, where="post", color="black", lw=2, label="true working set")
+    # the true working set, changing when the toucher said so, in % of the (median)
+    # sampleable memory
+    sampleable = _median_sampleable(good)
+    ts = [t for t, _ in result.changes] + [max((p["end_s"] for p in good), default=0.0)]
+    truth = [100 * _truth(mib, sampleable) for _, mib in result.changes]
+    ax.step(ts, truth + truth[-1:], where="post", color="black", lw=2, label="true working set")
     ends = [p["end_s"] for p in good]
     ax.plot(ends, [100 * p["fast"] for p in good], "--", color="tab:orange", label="fast average")
     ax.plot(ends, [100 * p["slow"] for p in good], ":", color="tab:green", lw=2, label="slow average")
