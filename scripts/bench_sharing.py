@@ -4,7 +4,7 @@
 Boots N guests from hv's guest image for each N of --vms, and on the same boots runs
 hv's KSM governor, stock KSM, KSM's scan-time advisor and a ksmtuned-like policy in
 turn (unmerging in between); prints the table and writes sharing.png and sharing.json
-to --out.  Needs root (KSM, pagemap frames).  See hv/sharing/bench.py.
+to --out.  Needs root (KSM, pagemap frames).  See hv/bench/sharing.py.
 
     .venv/bin/python scripts/bench_sharing.py --vms 1,2,4 --timeout 150
 """
@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hv.errors import HvError  # noqa: E402
-from hv.sharing import bench  # noqa: E402
+from hv.bench import sharing as bench  # noqa: E402
 
 
 def main() -> int:

@@ -142,6 +142,7 @@ class SharingService:
                     pages_to_scan=decision.setting.pages_to_scan,
                     sleep_millisecs=decision.setting.sleep_millisecs,
                     potential_pages=self.index.potential_savings_pages,
+                    merged_pages=self.index.merged_savings_pages,
                     realized_pages=self.index.realized_savings_pages,
                     backlog_pages=self.index.backlog_pages,
                     scan_cpu_s=round(self.scanner.scan_cpu_s, 3))

@@ -4,8 +4,8 @@ hv's native scanner hashes every present guest page; this package keeps the resu
 as per-VM page-state files (:mod:`hv.sharing.state`), builds the paper's table of
 shared and hint pages over all VMs (:mod:`hv.sharing.index`), steers KSM from it
 (:mod:`hv.sharing.governor`), and ties these to running VMs (:mod:`hv.sharing.scan`).
-``hv share`` and ``hv bench sharing`` are in :mod:`hv.sharing.commands` and
-:mod:`hv.sharing.bench`.
+``hv share`` is in :mod:`hv.sharing.commands`; ``hv bench sharing`` in
+:mod:`hv.bench.sharing`.
 """
 
 __all__ = ["state", "index", "governor", "scan"]

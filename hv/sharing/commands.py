@@ -1,4 +1,4 @@
-"""The sharing subcommands: ``hv share`` and ``hv bench sharing``.
+"""The sharing subcommand: ``hv share`` (``hv bench sharing`` is in :mod:`hv.bench`).
 
 Handlers print and return the exit code; everything else raises HvError.
 """
@@ -11,13 +11,13 @@ import asyncio
 import json
 from typing import Any
 
-from hv.errors import HvError, UsageError
+from hv.errors import UsageError
 from hv.sharing import state as st
 from hv.sharing.index import SharingIndex, VmPages, build_index, read_ksm_stat
 from hv.sharing.scan import Scanner, Target, open_targets
 from hv.units import PAGE_SIZE, format_size, table
 
-__all__ = ["register", "cmd_share", "cmd_bench_sharing", "format_index"]
+__all__ = ["register", "cmd_share", "format_index"]
 
 
 def _pages(n: float) -> str:
@@ -25,28 +25,36 @@ def _pages(n: float) -> str:
 
 
 def format_index(index: SharingIndex) -> str:
-    """The table of ``hv share``: counts in pages, savings as sizes."""
+    """The table of ``hv share``: counts in pages, savings as sizes.
 
-    header = ["VM", "SCANNED", "PRESENT", "ZERO", "STABLE-DUPS", "INTER-VM", "HINTS", "VOLATILE",
-              "KSM-MERGED", "POTENTIAL", "REALIZED"]
+    ZERO counts zero pages that hold (or, before KSM, held) a frame; ZERO-MAPPED the
+    zero-page mappings KSM did not make (free before and after merging, in neither
+    POTENTIAL nor REALIZED).  REALIZED is what KSM's merges save less its bookkeeping:
+    the kernel's ``general_profit`` (per VM: the VM's fair part of it).
+    """
+
+    header = ["VM", "SCANNED", "PRESENT", "ZERO", "ZERO-MAPPED", "STABLE-DUPS", "INTER-VM",
+              "HINTS", "VOLATILE", "KSM-MERGED", "KSM-ZERO", "POTENTIAL", "REALIZED"]
     rows: list[list[object]] = []
     for v in index.vms:
         merged = v.ksm_merging_pages if v.ksm_merging_pages is not None else v.ksm_pages
-        rows.append([v.vm, v.scanned, v.present, v.zero, v.stable_dups, v.inter_vm_dups, v.hints,
-                     v.volatile, merged, _pages(v.potential_savings_pages),
-                     _pages(v.realized_savings_pages)])
+        rows.append([v.vm, v.scanned, v.present, v.zero, v.zero_mapped, v.stable_dups,
+                     v.inter_vm_dups, v.hints, v.volatile, merged, v.ksm_zero_pages or 0,
+                     _pages(v.potential_savings_pages), _pages(v.realized_savings_pages)])
     if len(index.vms) > 1:
         tot = [sum(getattr(v, k) for v in index.vms)
-               for k in ("scanned", "present", "zero", "stable_dups", "inter_vm_dups", "hints",
-                         "volatile")]
+               for k in ("scanned", "present", "zero", "zero_mapped", "stable_dups",
+                         "inter_vm_dups", "hints", "volatile")]
         merged_total = sum((v.ksm_merging_pages if v.ksm_merging_pages is not None else v.ksm_pages)
                            for v in index.vms)
-        rows.append(["TOTAL", *tot, merged_total, _pages(index.potential_savings_pages),
-                     _pages(index.realized_savings_pages)])
+        rows.append(["TOTAL", *tot, merged_total, sum(v.ksm_zero_pages or 0 for v in index.vms),
+                     _pages(index.potential_savings_pages), _pages(index.realized_savings_pages)])
     text = table(rows, header)
+    meta = index.merged_savings_pages - index.realized_savings_pages
     text += (f"\n{index.groups} duplicate groups ({index.inter_vm_groups} across VMs); "
              f"unmerged stable duplicates: {index.backlog_pages} pages "
-             f"({_pages(index.backlog_pages)})")
+             f"({_pages(index.backlog_pages)}); KSM's merges save "
+             f"{_pages(index.merged_savings_pages)}, less {_pages(meta)} of its bookkeeping")
     return text
 
 
@@ -86,16 +94,6 @@ async def cmd_share(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_bench_sharing(args: argparse.Namespace) -> int:
-    from hv.sharing import bench
-
-    cfg = bench.BenchConfig.from_args(args)
-    result = await bench.run(cfg, progress=lambda line: print(line, flush=True))
-    print(bench.format_result(result))
-    print(f"plot: {result.plot}\ndata: {result.data}")
-    return 0 if result.all_converged else 3
-
-
 def register(subparsers: Any) -> None:
     s = subparsers.add_parser("share", help="content-based page sharing: what VMs could share "
                               "and what KSM has merged (scans now)")
@@ -109,19 +107,3 @@ def register(subparsers: Any) -> None:
     s.add_argument("--replace-bad-state", action="store_true",
                    help="replace a truncated or foreign page-state file instead of failing")
     s.set_defaults(func=cmd_share)
-
-    bench_parser = subparsers.choices.get("bench")
-    if bench_parser is None:
-        bench_parser = subparsers.add_parser("bench", help="benchmarks with real guests")
-        bench_sub = bench_parser.add_subparsers(dest="bench", required=True,
-                                                parser_class=type(bench_parser))
-    else:  # another module registered `hv bench` first: add to its subcommands
-        actions = [a for a in bench_parser._actions if isinstance(a, argparse._SubParsersAction)]
-        if not actions:
-            raise HvError("`hv bench` exists without subcommands; cannot add `sharing`")
-        bench_sub = actions[0]
-    b = bench_sub.add_parser("sharing", help="boot N guests from one image; measure what "
-                             "is shared, what KSM merges and how fast, per KSM policy")
-    from hv.sharing.bench import add_arguments
-    add_arguments(b)
-    b.set_defaults(func=cmd_bench_sharing)

@@ -6,9 +6,16 @@ so far, re-hashed before a later match counts.  hv keeps the same table as numpy
 arrays over every scanned VM at once (concatenate, sort, unique — no per-page
 Python) and leaves the copy-on-write merge to KSM.  The categories:
 
-* **zero**: present pages whose content is all zeros (read, or mapping the zero page,
-  or merged by KSM from zero content).  With ``use_zero_pages`` KSM maps each to the
-  kernel's zero page: every one is reclaimable.
+* **zero**: present pages whose content is all zeros and that hold (or held, before
+  KSM took it) a frame of their own: read as zeros, merged by KSM from zero content
+  into a KSM frame, or mapped by KSM to the kernel's zero page (``use_zero_pages``;
+  their count per VM is ``ksm_zero_pages`` of ``/proc/PID/ksm_stat``).  Every one is
+  reclaimable.
+* **zero-mapped**: the other pages that map the kernel's zero page: guest pages read
+  before they were ever written.  They cost nothing before or after merging, so they
+  count neither as potential nor as realized savings.  A zero-page mapping looks the
+  same in ``pagemap`` whether KSM made it or a read fault did; the kernel's per-VM
+  ``ksm_zero_pages`` tells how many of them are KSM's.
 * **candidates**: present, non-zero pages whose hash stayed the same since the last
   scan (``stable >= 1``; the volatility filter), and KSM-merged pages (write-protected,
   so stable by construction; grouped with their hash when hv read it before the merge,
@@ -23,8 +30,16 @@ Python) and leaves the copy-on-write merge to KSM.  The categories:
 
 Savings are split fairly: each page of a group of ``k`` is credited ``(k - 1) / k``,
 so the credits of a group add up to what it saves.  *Potential* savings come from the
-hashes; *realized* savings from what KSM did (pages flagged KSM grouped by frame,
-and zero-page mappings), cross-checked against ``/proc/PID/ksm_stat``.
+hashes.  *Merged* savings are what KSM's merges save now: pages flagged KSM grouped by
+frame (``k - 1`` per frame, as KSM's ``pages_sharing``) plus KSM's zero pages.
+*Realized* savings are merged savings less KSM's own bookkeeping (an rmap item of
+:data:`KSM_RMAP_ITEM_BYTES` per page ksmd tracks, ``ksm_rmap_items`` of ``ksm_stat``),
+which is how the kernel counts its profit: the index's realized total is KSM's
+``general_profit`` in pages, and each VM's ``ksm_profit_pages`` (every page of the VM
+that maps a KSM frame, plus its KSM zero pages, less its rmap items) is that VM's
+``ksm_process_profit``.  The merged part is hv's own count from ``kpageflags``; KSM's
+zero pages and rmap items are the kernel's counts, which no page flag shows.  The
+backlog compares like with like: potential less merged.
 """
 
 from __future__ import annotations
@@ -38,8 +53,14 @@ import numpy.typing as npt
 
 from hv.host.native import PageFlags
 from hv.sharing.state import ZERO_HASH, Snapshot
+from hv.units import PAGE_SIZE
 
-__all__ = ["VmPages", "VmSharing", "SharingIndex", "build_index", "read_ksm_stat"]
+__all__ = ["KSM_RMAP_ITEM_BYTES", "VmPages", "VmSharing", "SharingIndex", "build_index",
+           "read_ksm_stat"]
+
+# sizeof(struct ksm_rmap_item) on 64-bit Linux (mm/ksm.c): what the kernel subtracts per
+# tracked page in general_profit and ksm_process_profit.
+KSM_RMAP_ITEM_BYTES = 64
 
 # Keys for KSM frames whose content hash hv never saw: the frame number tagged in the
 # top bits, so they group by frame and (barring a 2^-48 coincidence) with nothing else.
@@ -66,8 +87,9 @@ class VmSharing:
     vm: str
     scanned: int
     present: int
-    zero: int
-    zero_page: int          # mapping the kernel's zero page (no frame of its own)
+    zero: int               # zero content with (or, before KSM, with) a frame of its own
+    zero_page: int          # mapping the kernel's zero page (KSM's and read faults')
+    zero_mapped: int        # of those, not KSM's: read before written; free either way
     stable_dups: int        # candidates in a group of two or more
     inter_vm_dups: int      # of those, in a group spanning more than one VM
     hints: int              # candidates unique so far
@@ -75,11 +97,19 @@ class VmSharing:
     ksm_pages: int          # flagged KSM (merged, mapped more than once)
     ksm_merging_pages: int | None  # from /proc/PID/ksm_stat
     ksm_zero_pages: int | None
+    ksm_rmap_items: int | None
     potential_savings_pages: float  # fair part of what full sharing would save
-    realized_savings_pages: float   # fair part of what KSM and the zero page save now
+    merged_savings_pages: float     # fair part of what KSM's merges save now
+    realized_savings_pages: float   # merged, less KSM's bookkeeping for this VM
+    ksm_profit_pages: float | None  # the kernel's ksm_process_profit, from hv's count
+
+    @property
+    def ksm_metadata_pages(self) -> float:
+        """KSM's rmap items for this VM, in pages."""
+        return (self.ksm_rmap_items or 0) * KSM_RMAP_ITEM_BYTES / PAGE_SIZE
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "ksm_metadata_pages": round(self.ksm_metadata_pages, 1)}
 
 
 @dataclass(frozen=True)
@@ -90,12 +120,17 @@ class SharingIndex:
     groups: int                 # duplicate groups (two or more candidates)
     inter_vm_groups: int
     potential_savings_pages: int
-    realized_savings_pages: int
+    merged_savings_pages: int
+    realized_savings_pages: int  # merged less KSM's bookkeeping: general_profit in pages
 
     @property
     def backlog_pages(self) -> int:
-        """Stable duplicates KSM has not merged yet (potential minus realized, at least 0)."""
-        return max(0, self.potential_savings_pages - self.realized_savings_pages)
+        """Stable duplicates KSM has not merged yet (potential minus merged, at least 0)."""
+        return max(0, self.potential_savings_pages - self.merged_savings_pages)
+
+    @property
+    def zero_mapped(self) -> int:
+        return sum(v.zero_mapped for v in self.vms)
 
     @property
     def present(self) -> int:
@@ -105,7 +140,9 @@ class SharingIndex:
         return {"vms": [v.as_dict() for v in self.vms], "groups": self.groups,
                 "inter_vm_groups": self.inter_vm_groups,
                 "potential_savings_pages": self.potential_savings_pages,
+                "merged_savings_pages": self.merged_savings_pages,
                 "realized_savings_pages": self.realized_savings_pages,
+                "zero_mapped": self.zero_mapped,
                 "backlog_pages": self.backlog_pages}
 
 
@@ -151,7 +188,7 @@ def build_index(vms: Sequence[VmPages]) -> SharingIndex:
     """Build the table from the VMs' page states (see the module docstring)."""
     nvms = len(vms)
     if nvms == 0:
-        return SharingIndex((), 0, 0, 0, 0)
+        return SharingIndex((), 0, 0, 0, 0, 0)
     hashes = np.concatenate([v.snapshot.hashes for v in vms])
     pfns = np.concatenate([v.snapshot.pfns for v in vms])
     flags = np.concatenate([v.snapshot.flags for v in vms])
@@ -196,32 +233,46 @@ def build_index(vms: Sequence[VmPages]) -> SharingIndex:
 
     cvm = vm[cidx]
     per_present = _per_vm_sum(vm[present], None, nvms)
-    per_zero = _per_vm_sum(vm[zero], None, nvms)
     per_zero_page = _per_vm_sum(vm[zero_page], None, nvms)
+    # Which zero-page mappings KSM made no page flag says; the kernel counts them per VM.
+    per_ksm_zero = np.minimum(per_zero_page, [float(v.ksm_stat.get("ksm_zero_pages", 0))
+                                              for v in vms])
+    per_zero_mapped = per_zero_page - per_ksm_zero
+    per_zero = _per_vm_sum(vm[zero], None, nvms) - per_zero_mapped
     per_ksm = _per_vm_sum(vm[ksm], None, nvms)
     per_dup = _per_vm_sum(cvm[dup], None, nvms)
     per_inter = _per_vm_sum(cvm[inter], None, nvms)
     per_hint = _per_vm_sum(cvm[~dup], None, nvms)
     per_volatile = _per_vm_sum(vm[present & ~zero & ~cand], None, nvms)
     per_potential = per_zero + _per_vm_sum(cvm, share, nvms)
-    per_realized = (per_zero_page + _per_vm_sum(vm[zero], realized_zero_ksm, nvms)
-                    + _per_vm_sum(vm[~zero], ksm_share[~zero], nvms))
+    per_merged = (per_ksm_zero + _per_vm_sum(vm[zero], realized_zero_ksm, nvms)
+                  + _per_vm_sum(vm[~zero], ksm_share[~zero], nvms))
 
     rows = []
     for i, v in enumerate(vms):
         stat = v.ksm_stat
+        rmap = stat.get("ksm_rmap_items")
+        meta = (rmap or 0) * KSM_RMAP_ITEM_BYTES / PAGE_SIZE
         rows.append(VmSharing(
             vm=v.name, scanned=int(v.snapshot.hashes.size), present=int(per_present[i]),
-            zero=int(per_zero[i]), zero_page=int(per_zero_page[i]), stable_dups=int(per_dup[i]),
+            zero=int(per_zero[i]), zero_page=int(per_zero_page[i]),
+            zero_mapped=int(per_zero_mapped[i]), stable_dups=int(per_dup[i]),
             inter_vm_dups=int(per_inter[i]), hints=int(per_hint[i]),
             volatile=int(per_volatile[i]), ksm_pages=int(per_ksm[i]),
             ksm_merging_pages=stat.get("ksm_merging_pages"),
-            ksm_zero_pages=stat.get("ksm_zero_pages"),
+            ksm_zero_pages=stat.get("ksm_zero_pages"), ksm_rmap_items=rmap,
             potential_savings_pages=round(float(per_potential[i]), 1),
-            realized_savings_pages=round(float(per_realized[i]), 1)))
-    potential = int(zero.sum()) + int(size_of[dup].size - dup_groups.size)
-    realized = int(zero_page.sum()) + int(round(realized_zero_ksm.sum())) + realized_frames
+            merged_savings_pages=round(float(per_merged[i]), 1),
+            realized_savings_pages=round(float(per_merged[i]) - meta, 1),
+            ksm_profit_pages=(round(float(per_ksm[i] + per_ksm_zero[i]) - meta, 1)
+                              if rmap is not None else None)))
+    ksm_zero_total = int(per_ksm_zero.sum())
+    potential = (int(zero.sum()) - int(per_zero_mapped.sum())
+                 + int(size_of[dup].size - dup_groups.size))
+    merged = ksm_zero_total + int(round(realized_zero_ksm.sum())) + realized_frames
+    meta_total = sum(v.ksm_stat.get("ksm_rmap_items", 0) for v in vms) * KSM_RMAP_ITEM_BYTES
     return SharingIndex(
         vms=tuple(rows), groups=int(dup_groups.size),
         inter_vm_groups=int(np.count_nonzero(vms_in_group[dup_groups] >= 2)),
-        potential_savings_pages=potential, realized_savings_pages=realized)
+        potential_savings_pages=potential, merged_savings_pages=merged,
+        realized_savings_pages=merged - int(round(meta_total / PAGE_SIZE)))

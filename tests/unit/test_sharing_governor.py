@@ -64,8 +64,9 @@ def _fake_ksm(tmp_path: Path) -> Ksm:
 
 
 def _index(present: int, potential: int, realized: int) -> SharingIndex:
-    row = VmSharing("a", present, present, 0, 0, 0, 0, 0, 0, 0, None, None, 0.0, 0.0)
-    return SharingIndex((row,), 0, 0, potential, realized)
+    row = VmSharing("a", present, present, 0, 0, 0, 0, 0, 0, 0, 0, None, None, None,
+                    0.0, 0.0, 0.0, None)
+    return SharingIndex((row,), 0, 0, potential, realized, realized)
 
 
 def test_governor_transcript_and_restore(tmp_path: Path) -> None:

@@ -55,13 +55,35 @@ def test_volatile_pages_are_not_candidates() -> None:
     assert idx.potential_savings_pages == 1
 
 
-def test_zero_pages_all_count_and_zero_page_mappings_are_realized() -> None:
+def test_zero_page_mappings_are_neither_potential_nor_realized() -> None:
+    # two zero pages with frames of their own, one read-before-written zero-page mapping
     a = snap("a", [ZERO_HASH, ZERO_HASH, 0, 9], [Z, Z, ZP, R], [0, 1, 0, 1])
     idx = build_index([a])
     (va,) = idx.vms
-    assert (va.zero, va.zero_page, va.stable_dups, va.hints) == (3, 1, 0, 1)
-    assert idx.potential_savings_pages == 3
-    assert idx.realized_savings_pages == 1
+    assert (va.zero, va.zero_page, va.zero_mapped, va.stable_dups, va.hints) == (2, 1, 1, 0, 1)
+    assert idx.potential_savings_pages == 2 and idx.zero_mapped == 1
+    assert idx.merged_savings_pages == 0 and idx.realized_savings_pages == 0
+
+
+def test_ksm_zero_pages_and_bookkeeping_follow_the_kernels_profit() -> None:
+    # 3 zero-page mappings of which ksm_stat says 2 are KSM's; KSM frame 100 mapped by
+    # a:3, a:4 and b:0 (saves 2); 128 rmap items = 2 pages of bookkeeping (64 B each).
+    a = VmPages("a", snap("a", [0, 0, 0, 0, 0], [ZP, ZP, ZP, K, K], [0] * 5,
+                          [0, 0, 0, 100, 100]).snapshot,
+                {"ksm_zero_pages": 2, "ksm_rmap_items": 64, "ksm_merging_pages": 2})
+    b = VmPages("b", snap("b", [0], [K], [0], [100]).snapshot,
+                {"ksm_zero_pages": 0, "ksm_rmap_items": 64, "ksm_merging_pages": 1})
+    idx = build_index([a, b])
+    va, vb = idx.vms
+    assert (va.zero, va.zero_mapped) == (2, 1)  # KSM's two had frames before the merge
+    assert idx.merged_savings_pages == 2 + 2
+    # general_profit = (pages_sharing 2 + ksm_zero_pages 2) * 4096 - 128 * 64
+    assert idx.realized_savings_pages == 4 - 2
+    # ksm_process_profit = (ksm_merging_pages + ksm_zero_pages) * 4096 - rmap_items * 64
+    assert va.ksm_profit_pages == pytest.approx(2 + 2 - 1)
+    assert vb.ksm_profit_pages == pytest.approx(1 - 1)
+    assert va.realized_savings_pages + vb.realized_savings_pages == pytest.approx(2, abs=0.11)
+    assert idx.backlog_pages == max(0, idx.potential_savings_pages - 4)
 
 
 def test_ksm_pages_group_by_frame_without_their_hash() -> None:

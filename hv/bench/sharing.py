@@ -1,4 +1,4 @@
-"""``hv bench sharing``: how much do N guests booted from one image share, and how fast
+"""``hv bench sharing`` (the paper's Figure 4): how much do N guests booted from one image share, and how fast
 does each KSM policy realize it?
 
 For each N: boot N guests from the guest image (one boot per N), wait until they
@@ -14,8 +14,10 @@ unmerges everything (``run=2``) and the run starts from nothing merged:
   Its 60 s period is scaled down (``--ksmtuned-period``) to fit the timeout.
 
 hv scans every guest every ``--scan-period`` seconds under every policy: the scan
-gives the potential (stable duplicates and zero pages) and what KSM realized.  A run
-*converges* when the realized savings reach 90% of the potential; it is cut off at
+gives the potential (stable duplicates and zero pages with a frame of their own) and
+what KSM merged (:mod:`hv.sharing.index`: *merged* counts pages, *realized* is merged
+less KSM's bookkeeping, the kernel's ``general_profit``).  A run *converges* when the
+merged savings reach 90% of the potential (like with like); it is cut off at
 ``--timeout`` and reported as "did not converge in T s".  After convergence ksmd's CPU
 is measured for ``--steady`` seconds more.  KSM's settings are restored at the end,
 whatever happens.
@@ -26,33 +28,33 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
-import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hv import paths
-from hv.errors import HostError, HvError, UsageError
+from hv.bench import report
+from hv.bench.args import int_list
+from hv.bench.fleet import Fleet, GuestPlan, Progress, refuse_if_daemon
+from hv.errors import HvError, UsageError
 from hv.host.ksm import Ksm
-from hv.qemu import accel as accel_mod
 from hv.qemu import launch as launcher
 from hv.sharing.governor import Governor, Mode
 from hv.sharing.index import SharingIndex
 from hv.sharing.scan import Scanner, Target
-from hv.units import MiB, PAGE_SIZE, format_size, parse_size, table
+from hv.units import PAGE_SIZE, MiB, format_size, parse_size, table
 
-__all__ = ["BenchConfig", "RunResult", "BenchResult", "add_arguments", "run", "format_result"]
+__all__ = ["BenchConfig", "RunResult", "BenchResult", "add_arguments", "config_from_args", "run",
+           "format_result"]
 
 # hv runs last: with use_zero_pages KSM maps zero pages to the zero page, and run=2 leaves
 # them there (they are legitimate mappings), so a policy after hv would start ahead.
 POLICIES = ("stock", "advisor", "ksmtuned", "hv")
 WATCHED = ("run", "sleep_millisecs", "pages_to_scan", "use_zero_pages", "advisor_mode")
-CONVERGED_FRACTION = 0.90  # realized >= 90% of potential: the issue's bar
+CONVERGED_FRACTION = 0.90  # merged >= 90% of potential: the issue's bar
 UNMERGE_TIMEOUT_S = 120.0  # run=2 unmerges a few hundred MiB in seconds
-BOOT_TIMEOUT_S = 240.0  # TCG: the initramfs in ~5 s, Debian to multi-user in ~22 s; slower several at once
 IDLE_SCAN_PERIOD_S = 10.0  # hv's governor scans less often once everything is merged
 KSMTUNED_BOOST, KSMTUNED_MAX, KSMTUNED_MIN = 300, 1250, 64  # ksmtuned's defaults
 
@@ -76,12 +78,7 @@ class BenchConfig:
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "BenchConfig":
-        try:
-            vms = tuple(int(x) for x in a.vms.split(","))
-        except ValueError as exc:
-            raise UsageError(f"--vms takes numbers separated by commas, not {a.vms!r}") from exc
-        if not vms or min(vms) < 1:
-            raise UsageError("--vms: every count must be at least 1")
+        vms = int_list("--vms", a.vms)
         policies = tuple(p.strip() for p in a.policies.split(","))
         bad = [p for p in policies if p not in POLICIES]
         if bad:
@@ -104,6 +101,10 @@ class BenchConfig:
         return cls(vms, policies, parse_size(a.mem), a.workload, tuple(params), a.timeout,
                    a.steady, a.scan_period, a.ksmtuned_period, a.prefix, Path(a.out), a.image,
                    debian_dir, max(0, a.retries))
+
+
+def config_from_args(a: argparse.Namespace) -> BenchConfig:
+    return BenchConfig.from_args(a)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -140,7 +141,10 @@ class RunResult:
     t_converge_s: float | None
     elapsed_s: float
     potential_pages: int
-    realized_pages: int
+    realized_pages: int  # net of KSM's bookkeeping: general_profit in pages
+    merged_pages: int
+    zero_mapped_pages: int  # zero-page mappings that were never KSM's: free either way
+    general_profit_pages: float  # the kernel's figure at the end, for comparison
     shared_pages: int  # pages in duplicate groups plus zero pages (the paper's "shared")
     inter_vm_dup_pages: int
     present_pages: int
@@ -165,6 +169,11 @@ class BenchResult:
     @property
     def all_converged(self) -> bool:
         return all(r.converged for r in self.runs)
+
+    @property
+    def complete(self) -> bool:
+        """What ``hv bench`` exits 0 on: every policy converged."""
+        return self.all_converged
 
 
 # -- policies ------------------------------------------------------------------------
@@ -301,7 +310,7 @@ def _shared(index: SharingIndex) -> int:
 
 
 def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
-               progress: Callable[[str], None]) -> RunResult:
+               progress: Progress) -> RunResult:
     unmerge(ksm)
     policy = make_policy(name, ksm, cfg)
     cpu0 = ksm.stats().ksmd_cpu_s
@@ -320,23 +329,25 @@ def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
         t = time.monotonic() - t0
         stats = ksm.stats()
         samples.append({"t_s": round(t, 2), "potential": index.potential_savings_pages,
+                        "merged": index.merged_savings_pages,
                         "realized": index.realized_savings_pages,
+                        "general_profit": stats["general_profit"] / PAGE_SIZE,
                         "pages_sharing": stats["pages_sharing"],
                         "ksm_zero_pages": stats["ksm_zero_pages"],
                         "pages_to_scan": int(ksm.get("pages_to_scan")),
                         "ksmd_cpu_s": round(stats.ksmd_cpu_s - cpu0, 3)})
         if (t_conv is None and index.potential_savings_pages > 0
-                and index.realized_savings_pages >= CONVERGED_FRACTION * index.potential_savings_pages):
+                and index.merged_savings_pages >= CONVERGED_FRACTION * index.potential_savings_pages):
             t_conv, cpu_conv = t, stats.ksmd_cpu_s - cpu0
             steady_from = (time.monotonic(), stats.ksmd_cpu_s)
-            progress(f"  {name} N={n}: converged at {t:.1f} s (realized "
-                     f"{index.realized_savings_pages} of {index.potential_savings_pages} pages)")
+            progress(f"  {name} N={n}: converged at {t:.1f} s (merged "
+                     f"{index.merged_savings_pages} of {index.potential_savings_pages} pages)")
         if t_conv is not None and t - t_conv >= cfg.steady_s:
             break
         if t_conv is None and t >= cfg.timeout_s:
             cpu_conv = stats.ksmd_cpu_s - cpu0
-            progress(f"  {name} N={n}: did not converge in {cfg.timeout_s:.0f} s (realized "
-                     f"{index.realized_savings_pages} of {index.potential_savings_pages} pages)")
+            progress(f"  {name} N={n}: did not converge in {cfg.timeout_s:.0f} s (merged "
+                     f"{index.merged_savings_pages} of {index.potential_savings_pages} pages)")
             break
         other = policy.disturbed()
         if other is not None:
@@ -355,16 +366,21 @@ def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
         dt = time.monotonic() - steady_from[0]
         if dt > 1.0:
             steady = (ksm.stats().ksmd_cpu_s - steady_from[1]) / dt
+    profit_pages = ksm.stats()["general_profit"] / PAGE_SIZE
     ksm.restore()
     return RunResult(
         n=n, policy=name, converged=t_conv is not None, t_converge_s=t_conv,
         elapsed_s=time.monotonic() - t0, potential_pages=index.potential_savings_pages,
-        realized_pages=index.realized_savings_pages, shared_pages=_shared(index),
+        realized_pages=index.realized_savings_pages, merged_pages=index.merged_savings_pages,
+        zero_mapped_pages=index.zero_mapped,
+        general_profit_pages=profit_pages, shared_pages=_shared(index),
         inter_vm_dup_pages=sum(v.inter_vm_dups for v in index.vms), present_pages=index.present,
         ksmd_cpu_converge_s=cpu_conv, ksmd_steady_cores=steady,
         scan_cpu_s=scanner.scan_cpu_s - scan_cpu0, scans=scans,
         per_vm=[{"vm": v.vm, "present": v.present, "potential": v.potential_savings_pages,
-                 "realized": v.realized_savings_pages, "ksm_merging_pages": v.ksm_merging_pages}
+                 "merged": v.merged_savings_pages, "realized": v.realized_savings_pages,
+                 "zero_mapped": v.zero_mapped, "ksm_merging_pages": v.ksm_merging_pages,
+                 "ksm_profit_pages": v.ksm_profit_pages}
                 for v in index.vms],
         samples=samples, disturbed=bool(disturbed),
         note="; ".join(([] if t_conv is not None else [f"did not converge in {cfg.timeout_s:.0f} s"])
@@ -373,41 +389,18 @@ def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
 
 
 # -- guests --------------------------------------------------------------------------
-def _ready(name: str) -> bool:
-    log = launcher.console_log(name)
-    return log.exists() and "event=ready" in log.read_text(errors="replace")
+def plans(names: list[str], cfg: BenchConfig) -> list[GuestPlan]:
+    """The guests of one N.  A Debian disk is attached with snapshot=on (writes go to a
+    temporary file), so every guest boots the same image."""
+    debian = cfg.image == "debian"
+    return [GuestPlan(name, cfg.mem_bytes, cfg.workload, cfg.params,
+                      initrd=cfg.debian_dir / "debian-initrd.cpio.gz" if debian else None,
+                      disk=cfg.debian_dir / "debian.ext4" if debian else None)
+            for name in names]
 
 
-async def boot(names: list[str], cfg: BenchConfig) -> list[Target]:
-    verdict = accel_mod.choose()
-    targets = []
-    initrd = disk = None
-    if cfg.image == "debian":
-        # The disk is attached with snapshot=on (writes go to a temporary file), so
-        # every guest boots the same image.
-        initrd = str(cfg.debian_dir / "debian-initrd.cpio.gz")
-        disk = str(cfg.debian_dir / "debian.ext4")
-    for name in names:
-        spec = launcher.GuestSpec(name=name, mem_bytes=cfg.mem_bytes, workload=cfg.workload,
-                                  params=dict(cfg.params), accel=verdict.accel,
-                                  initrd=initrd, disk=disk)
-        vm = await launcher.launch(spec)
-        targets.append(Target.from_info(vm.info))
-        await vm.detach()
-    deadline = time.monotonic() + BOOT_TIMEOUT_S
-    while not all(_ready(n) for n in names):
-        if time.monotonic() > deadline:
-            late = [n for n in names if not _ready(n)]
-            raise HvError(f"guests {', '.join(late)} did not boot in {BOOT_TIMEOUT_S:.0f} s")
-        await asyncio.sleep(0.5)
-    return targets
-
-
-async def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
-    from hv.daemon import running_status  # KSM has one owner at a time
-    if (snapshot := running_status()) is not None:
-        raise HostError(f"`hv run` (pid {snapshot['pid']}) governs KSM on this host: "
-                        "stop it before benchmarking KSM policies")
+async def run(cfg: BenchConfig, progress: Progress = lambda s: None) -> BenchResult:
+    refuse_if_daemon("benchmarking KSM policies (KSM has one owner at a time)")
     ksm = Ksm()
     has_advisor = ksm.has("advisor_mode")
     policies = [p for p in cfg.policies if p != "advisor" or has_advisor]
@@ -419,9 +412,8 @@ async def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None
         for n in cfg.vms:
             names = [f"{cfg.prefix}{n}-{i}" for i in range(1, n + 1)]
             progress(f"N={n}: booting {n} guest(s) of {format_size(cfg.mem_bytes)}")
-            try:
-                targets = await boot(names, cfg)
-                scanner = Scanner(targets, replace_foreign=True)
+            async with Fleet(plans(names, cfg), progress) as fleet:
+                scanner = Scanner([Target.from_info(i) for i in fleet.vms], replace_foreign=True)
                 try:
                     for name in policies:
                         for attempt in range(cfg.retries + 1):
@@ -434,26 +426,19 @@ async def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None
                         runs.append(r)
                 finally:
                     scanner.close()
-            finally:
-                for name in names:
-                    if (launcher.vm_dir(name) / "qmp.sock").exists() or \
-                            (launcher.vm_dir(name) / "qemu.pid").exists():
-                        await launcher.stop(name)
     finally:
         ksm.restore()
     data = cfg.out_dir / "sharing.json"
     plot = cfg.out_dir / "sharing.png"
-    conf = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    conf = report.jsonable(cfg)
     result = BenchResult(conf, runs, has_advisor, plot, data)
-    data.write_text(json.dumps({"config": conf, "kernel_has_advisor": has_advisor,
-                                "runs": [asdict(r) for r in runs]}, indent=1))
+    report.write_json(data, {"config": conf, "kernel_has_advisor": has_advisor, "runs": runs})
     save_plot(result)
     return result
 
 
 # -- output --------------------------------------------------------------------------
-def _mib(pages: float) -> float:
-    return pages * PAGE_SIZE / MiB
+_mib = report.mib
 
 
 def format_result(result: BenchResult) -> str:
@@ -461,25 +446,22 @@ def format_result(result: BenchResult) -> str:
     for r in result.runs:
         rows.append([
             r.n, r.policy, r.present_pages, f"{_mib(r.shared_pages):.1f}",
-            f"{_mib(r.potential_pages):.1f}", f"{_mib(r.realized_pages):.1f}",
-            f"{100 * r.realized_pages / r.potential_pages:.0f}%" if r.potential_pages else "-",
+            f"{_mib(r.potential_pages):.1f}", f"{_mib(r.merged_pages):.1f}",
+            f"{_mib(r.realized_pages):.1f}", f"{_mib(r.general_profit_pages):.1f}",
+            f"{100 * r.merged_pages / r.potential_pages:.0f}%" if r.potential_pages else "-",
             f"{r.t_converge_s:.1f}" if r.t_converge_s is not None else f">{r.elapsed_s:.0f} (did not converge)",
             f"{r.ksmd_cpu_converge_s:.2f}",
             f"{100 * r.ksmd_steady_cores:.2f}" if r.ksmd_steady_cores is not None else "-",
             f"{r.scan_cpu_s:.2f} ({r.scans})"])
-    text = table(rows, ["N", "POLICY", "PRESENT", "SHARED-MiB", "POTENTIAL-MiB", "REALIZED-MiB",
-                        "REAL/POT", "CONVERGE-S", "KSMD-CPU-S", "KSMD-STEADY-%CORE",
+    text = table(rows, ["N", "POLICY", "PRESENT", "SHARED-MiB", "POTENTIAL-MiB", "MERGED-MiB",
+                        "REALIZED-MiB", "KSM-PROFIT-MiB", "MERGED/POT", "CONVERGE-S", "KSMD-CPU-S", "KSMD-STEADY-%CORE",
                         "HV-SCAN-CPU-S (SCANS)"])
     notes = [f"N={r.n} {r.policy}: {r.note}" for r in result.runs if r.note]
     return "\n".join([text, *notes])
 
 
 def save_plot(result: BenchResult) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     runs = result.runs
     policies = list(dict.fromkeys(r.policy for r in runs))
     ns = sorted({r.n for r in runs})

@@ -1,0 +1,15 @@
+"""The paper's experiments, reproduced on real guests: ``hv bench FIGURE``.
+
+One module per figure, each booting its own guests and running its baselines in the
+same run, writing JSON and a PNG (``docs/bench-*/`` holds committed runs):
+
+- :mod:`~hv.bench.sharing`   Figure 4: sharing against the number of VMs, per KSM policy
+- :mod:`~hv.bench.sampling`  Figure 6: working-set estimates against the true working set
+
+Shared parts: :mod:`~hv.bench.fleet` (boot a fleet of guests, read their console
+events, always stop them) and :mod:`~hv.bench.report` (JSON, plots).  The commands
+are in :mod:`~hv.bench.commands`.  The experiments use hv's library and commands and
+the daemon's published status; never the daemon's internals.
+"""
+
+__all__ = ["fleet", "report", "sharing", "sampling", "commands"]

@@ -1,0 +1,59 @@
+"""``hv bench FIGURE``: the paper's experiments on real guests.
+
+Every experiment module offers the same few names: ``add_arguments(parser)``,
+``config_from_args(args)`` (bad input is a :class:`~hv.errors.UsageError` before
+anything starts), ``run(config, progress)`` and ``format_result(result)``, whose result
+has ``plot``, ``data`` and ``complete``.  The handler runs it with progress lines on
+stdout, prints the result table and where the JSON and PNG went.  The exit code
+is 0, or 3 when the run finished but missed what it measures (a policy that did not
+converge, a shape the paper shows that this run does not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+__all__ = ["register"]
+
+MISSED = 3  # the run completed, but a result misses (printed above the exit)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _run(module: str, args: argparse.Namespace) -> int:
+    """Configure, run and report one experiment (``hv.bench.MODULE``)."""
+    bench = importlib.import_module(f"hv.bench.{module}")
+    cfg = bench.config_from_args(args)
+    result = await bench.run(cfg, progress=_say)
+    print(bench.format_result(result))
+    print(f"plot: {result.plot}\ndata: {result.data}")
+    return 0 if result.complete else MISSED
+
+
+async def cmd_bench_sharing(args: argparse.Namespace) -> int:
+    return await _run("sharing", args)
+
+
+async def cmd_bench_sampling(args: argparse.Namespace) -> int:
+    return await _run("sampling", args)
+
+
+def register(subparsers: Any) -> None:
+    bench = subparsers.add_parser("bench", help="the paper's experiments on real guests")
+    sub = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
+
+    from hv.bench import sampling, sharing
+
+    b = sub.add_parser("sharing", help="Figure 4: boot N guests from one image; measure what "
+                       "is shared, what KSM merges and how fast, per KSM policy")
+    sharing.add_arguments(b)
+    b.set_defaults(func=cmd_bench_sharing)
+
+    b = sub.add_parser("sampling", help="Figure 6: the working-set estimates against a "
+                       "working set that grows, shrinks and grows again")
+    sampling.add_arguments(b)
+    b.set_defaults(func=cmd_bench_sampling)

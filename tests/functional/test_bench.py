@@ -1,0 +1,59 @@
+"""`hv bench` subcommands on real guests, small and fast: the JSON's structure and one
+shape each (the committed runs under docs/bench-*/ are the full configurations)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import hv_cli
+from tests.functional.hvrun import swap_fixture
+
+pytestmark = pytest.mark.guest
+
+PERIOD_S = 4.0
+
+
+@pytest.fixture(scope="module")
+def host_swap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    yield from swap_fixture(tmp_path_factory)
+
+
+def test_bench_sampling_follows_growth_within_a_period(
+        run_dir: Path, state_dir: Path, host_swap: None, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = hv_cli("bench", "sampling", "-m", "256M", "--phases", "16,112", "--phase", "24",
+               "--period", str(PERIOD_S), "--sample-pages", "200", "--name", "bs1",
+               "--out", str(out), timeout_s=240)
+    print(r.stdout[-3000:])
+    assert r.returncode in (0, 3), r.stderr  # 3: a shape missed (judged below)
+    assert "Traceback" not in r.stderr
+    doc = json.loads((out / "sampling.json").read_text())
+    assert (out / "sampling.png").stat().st_size > 10_000
+    assert {"host", "config", "phases", "changes", "periods", "partials", "shapes_hold"} <= doc.keys()
+    assert doc["config"]["phases_mib"] == [16, 112]
+    assert [c[1] for c in doc["changes"]] == [16, 112], "the toucher announced its one change"
+    periods = [p for p in doc["periods"] if p["discarded"] is None]
+    assert len(periods) >= 6 and all(p["sampled"] > 100 for p in periods)
+    assert all({"fast", "slow", "max", "sample", "sampleable"} <= p.keys() for p in periods)
+    assert len(doc["partials"]) >= 5 * len(periods)  # ten polls a period
+    first, grow = doc["phases"]
+    assert (first["direction"], grow["direction"]) == ("first", "up")
+    # The shape: hv's active fraction covers half the step within one period of the growth.
+    assert grow["lag_half_step_s"] is not None and grow["lag_half_step_s"] <= PERIOD_S, grow
+    assert doc["shapes_hold"] == all(p["shapes_hold"] for p in doc["phases"])
+    assert (r.returncode == 0) == doc["shapes_hold"]
+    # Every guest it started is stopped.
+    assert not list(run_dir.glob("*/qemu.pid")) and not list(run_dir.glob("*/qmp.sock"))
+
+
+def test_bench_refuses_bad_input_in_one_line(run_dir: Path, state_dir: Path) -> None:
+    for args in (["--phases", "50"], ["--phases", "a,b"], ["--period", "0"],
+                 ["--phases", "50,900", "-m", "512M"], ["--phase", "5", "--period", "4"]):
+        r = hv_cli("bench", "sampling", *args)
+        assert r.returncode == 2 and r.stderr.startswith("hv: error:"), (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not list(run_dir.glob("*/qemu.pid")), "nothing was launched"
