@@ -54,9 +54,10 @@ from hv.daemon.managed import Context, ManagedVM
 from hv.daemon.sampling import sample_loop, save_estimator
 from hv.daemon.sharing import SharingService
 from hv.errors import AdmissionError, ConfigError, HostError, HvError, UsageError
-from hv.eventlog import EventLog
+from hv.eventlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EventLog
 from hv.guardian import GuardFile
-from hv.host import proc, swap
+from hv.host import proc, swap, tuners
+from hv.host.notify import Notifier
 from hv.policy import (
     AdmissionControl,
     Config,
@@ -119,6 +120,9 @@ class Options:
     force_state: MemState | None = None
     force_state_file: Path | None = None
     guardian: bool = True
+    log_max_bytes: int = DEFAULT_MAX_BYTES  # the event log rotates past this size
+    log_keep: int = DEFAULT_KEEP  # rotated event-log files kept
+    allow_tuners: bool = False  # only warn when ksmtuned or momd runs
 
 
 class Daemon:
@@ -127,6 +131,8 @@ class Daemon:
     def __init__(self, options: Options, notify: Callable[[str], None] | None = None) -> None:
         self.options = options
         self.notify = notify or (lambda line: None)
+        self.systemd = Notifier(warn=self.notify)  # sd_notify; inert outside systemd
+        self._systemd_status = ""
         self.dir = paths.state_dir() / "daemon"
         self.vms: list[ManagedVM] = []
         self.waiting: dict[str, VMConfig] = {}  # configured VMs whose QEMU went away
@@ -156,12 +162,14 @@ class Daemon:
     # -- start -------------------------------------------------------------------
     async def start(self) -> None:
         """Validate, attach, admit; everything that may refuse happens here."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        paths.private_dir(self.dir)
         self._take_lock()
         config = self._load_config()
         self.config = config
+        self._check_tuners()
         self._undo_previous_run()
-        log = EventLog(self.options.log_path or (self.dir / "events.jsonl"))
+        log = EventLog(self.options.log_path or (self.dir / "events.jsonl"),
+                       self.options.log_max_bytes, self.options.log_keep)
         self.ctx = Context(log, self.guard, self.notify)
         try:
             for cfg in config.vms:
@@ -198,8 +206,19 @@ class Daemon:
         return StateTracker(config.host.managed_bytes, config.host.thresholds,
                             config.host.hysteresis_pct, initial=state)
 
+    def _check_tuners(self) -> None:
+        """Refuse to start beside ksmtuned or momd (or, when allowed, say they run)."""
+        others = tuners.running_tuners()
+        if not others:
+            return
+        what = tuners.describe(others)
+        if not self.options.allow_tuners:
+            raise HostError(f"other memory tuners run and would fight hv over KSM and balloons: "
+                            f"{what}; stop them, or pass --allow-other-tuners")
+        self.notify(f"warning: other memory tuners run (--allow-other-tuners): {what}")
+
     def _take_lock(self) -> None:
-        lock = open(self.dir / "lock", "a+")
+        lock = os.fdopen(paths.open_private(self.dir / "lock", os.O_RDWR), "r+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -340,8 +359,10 @@ class Daemon:
                     self.ctx, lambda: self._host_config().host.share_interval_s,
                     self._share_targets)
                 await self.sharing.start()
+            self._check_watchdog()
             while not self.stop_event.is_set():
                 await self.tick()
+                self._tell_systemd()
                 if self.options.once:
                     break
                 waits = [asyncio.ensure_future(e.wait())
@@ -352,11 +373,36 @@ class Daemon:
                     w.cancel()
                 if self.reload_event.is_set() and not self.stop_event.is_set():
                     self.reload_event.clear()
+                    self.systemd.reloading()
                     await self.reload()
+                    self.systemd.ready(self._systemd_status)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            self.systemd.stopping()
             await self.shutdown()
+
+    def _check_watchdog(self) -> None:
+        """A watchdog shorter than two polls would kill a healthy hv between its ticks."""
+        assert self.config is not None
+        half = self.systemd.watchdog_s
+        if half is not None and half <= self.config.host.poll_interval_s:
+            self.notify(f"warning: systemd's WatchdogSec ({2 * half:g} s) is not more than "
+                        f"twice host.poll_interval_s ({self.config.host.poll_interval_s:g} s): "
+                        "raise WatchdogSec")
+
+    def _tell_systemd(self) -> None:
+        """After a complete tick: READY=1 the first time, then WATCHDOG=1 (at half the
+        watchdog's timeout) and the state as STATUS= when it changes."""
+        text = f"{self.state}: {len(self.vms)} VMs managed" + (
+            f", {len(self.waiting)} gone" if self.waiting else "")
+        if self.ticks == 1:
+            self.systemd.ready(text)
+            self.log.write("ready", systemd=self.systemd.enabled)
+        elif text != self._systemd_status:
+            self.systemd.status(text)
+        self._systemd_status = text
+        self.systemd.watchdog()
 
     def _forced(self) -> MemState | None:
         path = self.options.force_state_file
