@@ -21,6 +21,7 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp import QMPError as LibQMPError
 
 from hv.errors import QMPBusy, QMPError, VMGone, VMNotFound
+from hv.host import proc
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,15 @@ class QMPSession:
         except (ConnectError, LibQMPError, OSError, EOFError) as exc:
             sock.close()
             raise QMPError(self.name, f"QMP handshake with {self.socket_path} failed: {exc}") from exc
+        # -- issue 9: the peer must still be QEMU, at every connect (a socket given to
+        # `hv attach` may since be served by another process); nothing is sent first
+        # but the handshake.
+        assert self.pid is not None
+        other = proc.not_qemu(self.pid)
+        if other is not None:
+            await self.close()
+            raise QMPError(self.name, f"{self.socket_path} is served by process {self.pid} "
+                           f"({other}), not QEMU: refusing to talk to it")
         return self
 
     async def close(self) -> None:

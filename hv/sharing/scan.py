@@ -55,10 +55,9 @@ def check_qemu(name: str, pid: int) -> None:
     """Refuse a pid that is not a running QEMU process."""
     if not proc.alive(pid):
         raise VMGone(name, f"process {pid} does not exist")
-    exe = proc.exe_name(pid)
-    argv0 = (proc.cmdline(pid) or [""])[0]
-    if not (exe.startswith("qemu") or argv0.rsplit("/", 1)[-1].startswith("qemu")):
-        raise VMError(name, f"process {pid} is not QEMU (it runs {exe or argv0 or 'nothing known'!r})")
+    other = proc.not_qemu(pid)
+    if other is not None:
+        raise VMError(name, f"process {pid} is not QEMU (it runs {other!r})")
 
 
 @asynccontextmanager

@@ -188,9 +188,10 @@ def create(path: Path, identity: Identity) -> PageState:
     ident = json.dumps(identity.as_dict(), sort_keys=True).encode()
     if _HEAD.size + len(ident) > HEADER_BYTES:
         raise StateFileError(f"{path}: VM identity too long for the header ({len(ident)} bytes)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    # 0600 in a 0700 directory: frame numbers and content hashes are a side channel
+    # (which host frames hold which guest content) for any other local user.
+    with os.fdopen(paths.open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
         f.truncate(total)
         f.write(_HEAD.pack(MAGIC, VERSION, HEADER_BYTES, 0, identity.pages, 0, 0, 0.0, len(ident)))
         f.write(ident)
@@ -233,6 +234,8 @@ def open_state(path: Path, expect: Identity | None = None, writable: bool = True
     except OSError as exc:
         raise StateFileError(f"{path}: cannot open: {exc.strerror}") from exc
     try:
+        if writable:
+            os.fchmod(fd, paths.PRIVATE_FILE_MODE)  # a file from before hv kept them private
         size = os.fstat(fd).st_size
         if size == 0:
             raise StateFileError(f"{path}: truncated (empty)")
