@@ -51,6 +51,7 @@ from hv.daemon import status
 from hv.daemon.act import act, forget_pause, resume
 from hv.daemon.collect import host_available_bytes, collect
 from hv.daemon.managed import Context, ManagedVM
+from hv.daemon.merge import read_merge, set_merge
 from hv.daemon.sampling import sample_loop, save_estimator
 from hv.daemon.sharing import SharingService
 from hv.errors import AdmissionError, ConfigError, HostError, HvError, UsageError
@@ -79,6 +80,7 @@ from hv.policy.reclaim import (
 from hv.qemu import launch
 from hv.qemu.vm import VM, VMState, balloon_floor
 from hv.sampler import SamplerUnavailable, check_can_sample
+from hv.sharing import optout
 from hv.sharing.scan import Target
 from hv.units import format_size
 
@@ -153,6 +155,8 @@ class Daemon:
         self._guard_owned = False
         self.ticks = 0
         self._pool = 0  # the pool at the last decision
+        self._opt_choices: dict[str, bool] = {}  # the admin's hv share --opt-out/--opt-in
+        self._opt_mtime: float | None = None
 
     @property
     def log(self) -> EventLog:
@@ -265,7 +269,10 @@ class Daemon:
         except BaseException:
             await vm.detach()
             raise
-        return self._managed(cfg, vm, max_bytes)
+        m = self._managed(cfg, vm, max_bytes)
+        if self.ctx is not None:
+            await read_merge(self.ctx, m)
+        return m
 
     @staticmethod
     def _max_of(config: Config, cfg: VMConfig, vm: VM) -> int:
@@ -337,7 +344,8 @@ class Daemon:
 
     def _share_targets(self) -> list[Target]:
         return [Target.from_info(m.vm.info) for m in self.vms
-                if m.failing is None and m.gone is None and m.vm.state is VMState.ATTACHED]
+                if m.failing is None and m.gone is None and m.vm.state is VMState.ATTACHED
+                and m.merge is not False]  # an opted-out VM is no part of the estimates
 
     # -- run ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -431,6 +439,29 @@ class Daemon:
             if m.gone is not None:
                 await self._drop(m, m.gone)
 
+    def _merge_jobs(self) -> list[asyncio.Task[None]]:
+        """KSM opt-out: a job for each VM whose RAM must go out of sharing or back in
+        (config ``ksm``, the admin's record reread when it changes)."""
+        assert self.ctx is not None
+        mtime = optout.record_mtime()
+        if mtime != self._opt_mtime:
+            try:
+                self._opt_choices = optout.admin_choices()
+                self._opt_mtime = mtime
+            except HvError as exc:
+                self.log.write("opt_out_unreadable", error=str(exc))
+                self._opt_mtime = mtime  # logged once per change of the file
+        jobs = []
+        for m in self.vms:
+            if m.merge is None or m.busy:
+                continue
+            want = optout.wanted(m.cfg.ksm, self._opt_choices.get(m.name), m.merge,
+                                 m.merge_off_by_hv)
+            if want is not None:
+                m.job = asyncio.create_task(set_merge(self.ctx, m, want))
+                jobs.append(m.job)
+        return jobs
+
     def _due(self, m: ManagedVM, now_s: float) -> bool:
         """Whether ``m`` is read this tick: always while anything may need doing (a worse
         state than high, a balloon on its way, a VM hv paused, no reading yet), else every
@@ -482,7 +513,7 @@ class Daemon:
         if known:
             state, real, free = self._update_state()
         # 2. collect: each due VM's own job; a VM still busy from before is not asked again.
-        jobs: list[asyncio.Task[None]] = []
+        jobs: list[asyncio.Task[None]] = self._merge_jobs()
         for m in self.vms:
             if not m.busy and self._due(m, started):
                 m.job = asyncio.create_task(collect(self.ctx, m))
@@ -571,6 +602,7 @@ class Daemon:
                 "host_swap_bytes": r.swap_bytes if r else None,
                 "run_state": r.run_state if r else None,
                 "guest": r.guest.as_dict() if r else None,
+                "ksm": None if m.merge is None else "on" if m.merge else optout.OPTED_OUT,
                 "failing": m.failing}
         status.publish(str(state), free, pool, vms)
 
