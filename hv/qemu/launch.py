@@ -116,8 +116,7 @@ async def launch(spec: GuestSpec) -> VM:
     where = vm_dir(spec.name)
     if os.path.lexists(where / "qmp.sock"):
         raise UsageError(f"a VM named {spec.name!r} is already registered in {where}")
-    where.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(where, 0o700)
+    paths.private_dir(where)  # issue 9: and the run directory above it, 0700
     for stale in ("console.log", "qemu.pid"):
         (where / stale).unlink(missing_ok=True)
     initrd = Path(spec.initrd) if spec.initrd else paths.guest_initrd()
@@ -216,7 +215,7 @@ async def attach_external(name: str, socket_path: str) -> VM:
         raise UsageError(f"a VM named {name!r} is already registered in {where}")
     vm = VM(name, str(target))
     await vm.attach()  # refuse sockets that don't answer before registering anything
-    where.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths.private_dir(where)
     (where / "qmp.sock").symlink_to(target)
     return vm
 
