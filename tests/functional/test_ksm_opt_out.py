@@ -62,6 +62,7 @@ def test_opt_out_unmerges_one_vm_while_the_others_keep_sharing(
                                                  for n in names),
                  MERGE_TIMEOUT_S, "KSM to merge the three guests' shared pages", interval_s=1)
 
+        three = run.events("share")[-1]["potential_pages"]
         # The admin opts kb out while hv run holds its QMP socket: hv run applies it.
         done = hv_cli("share", "--opt-out", "kb")
         assert done.returncode == 0, done.stderr
@@ -72,15 +73,14 @@ def test_opt_out_unmerges_one_vm_while_the_others_keep_sharing(
         assert out["backend"] == "/objects/ram0"
         row = json.loads(hv_cli("status", "kb", "--json").stdout)["vms"][0]
         assert row["ksm"] == "opted out" and row["managed_by"] is not None
-        # Left out of the sharing estimates: the next rounds scan ka and kc only.
-        share_before = len(run.events("share"))
-        run.wait_event("share", 30)
-        wait_for(lambda: len(run.events("share")) > share_before + 1, 30, "two share rounds")
         status = json.loads((state_dir / "daemon" / "status.json").read_text())
         assert status["vms"]["kb"]["ksm"] == "opted out" and status["vms"]["ka"]["ksm"] == "on"
-        # Two guests of 64 MiB equal pages save at most ~64 MiB + the boot image, not 2x.
-        last = run.events("share")[-1]
-        assert last["potential_pages"] < 1.5 * HOG_PAGES, last
+        # Left out of the sharing estimates: the next rounds scan ka and kc only, and two
+        # identical guests save about half of what three did (the sharing scan backs off
+        # up to 2 minutes while nothing changes, hence the deadline).
+        wait_for(lambda: run.check_alive() or any(
+            e["potential_pages"] <= 0.75 * three for e in run.events("share")[-2:]),
+            150, f"the potential to drop from {three} pages without kb", interval_s=1)
 
         # Back in: merging is on again, and KSM merges kb's pages again.
         done = hv_cli("share", "--opt-in", "kb")
