@@ -13,6 +13,7 @@ import asyncio
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,14 +54,17 @@ def test_opt_out_unmerges_one_vm_while_the_others_keep_sharing(
 
     before = ksm_snapshot()
     config_path = tmp_path / "hv.toml"
-    vm_tables = {n: {"min": "256M", "max": "256M"} for n in names}
+    vm_tables: dict[str, dict[str, Any]] = {n: {"min": "256M", "max": "256M"} for n in names}
     config = write_config(config_path, {"managed": "4G", "share_interval_s": 1}, vm_tables)
     log = tmp_path / "events.jsonl"
     run = HvRun(config, log)
     try:
-        wait_for(lambda: run.check_alive() or all(merging(pid[n]) >= 0.9 * HOG_PAGES
-                                                 for n in names),
-                 MERGE_TIMEOUT_S, "KSM to merge the three guests' shared pages", interval_s=1)
+        def all_merged() -> bool:
+            run.check_alive()
+            return all(merging(pid[n]) >= 0.9 * HOG_PAGES for n in names)
+
+        wait_for(all_merged, MERGE_TIMEOUT_S, "KSM to merge the three guests' shared pages",
+                 interval_s=1)
 
         three = run.events("share")[-1]["potential_pages"]
         # The admin opts kb out while hv run holds its QMP socket: hv run applies it.
@@ -78,9 +82,12 @@ def test_opt_out_unmerges_one_vm_while_the_others_keep_sharing(
         # Left out of the sharing estimates: the next rounds scan ka and kc only, and two
         # identical guests save about half of what three did (the sharing scan backs off
         # up to 2 minutes while nothing changes, hence the deadline).
-        wait_for(lambda: run.check_alive() or any(
-            e["potential_pages"] <= 0.75 * three for e in run.events("share")[-2:]),
-            150, f"the potential to drop from {three} pages without kb", interval_s=1)
+        def dropped() -> bool:
+            run.check_alive()
+            return any(e["potential_pages"] <= 0.75 * three for e in run.events("share")[-2:])
+
+        wait_for(dropped, 150, f"the potential to drop from {three} pages without kb",
+                 interval_s=1)
 
         # Back in: merging is on again, and KSM merges kb's pages again.
         done = hv_cli("share", "--opt-in", "kb")

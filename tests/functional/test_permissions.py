@@ -73,8 +73,11 @@ def test_state_and_run_files_are_private(guests: Guests, run_dir: Path, open_dir
         run.wait_event("share", 60)
         wanted = {"daemon", "daemon/events.jsonl", "daemon/status.json", "daemon/guard.json",
                   "daemon/lock", "sharing", "sharing/perm.pages", "ksm-saved.json"}
-        found = wait_for(lambda: (m := modes(state)) if wanted <= set(m) else None, 30,
-                         f"{wanted} in {state}")
+        def all_there() -> dict[str, int] | None:
+            m = modes(state)
+            return m if wanted <= set(m) else None
+
+        found = wait_for(all_there, 30, f"{wanted} in {state}")
         assert found["."] == 0o700, found
         for name, mode in found.items():
             is_dir = (state / name).is_dir()
