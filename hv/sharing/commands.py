@@ -6,6 +6,7 @@ Handlers print and return the exit code; everything else raises HvError.
 from __future__ import annotations
 
 import argparse
+import math
 import asyncio
 import json
 import time
@@ -75,8 +76,8 @@ def _share_cached(targets: list[Target]) -> SharingIndex:
 
 
 async def cmd_share(args: argparse.Namespace) -> int:
-    if args.interval < 0:
-        raise UsageError("--interval must not be negative")
+    if not (math.isfinite(args.interval) and args.interval >= 0):
+        raise UsageError("--interval must be a finite number of seconds, 0 or more")
     if args.opt_out or args.opt_in:
         if args.vm or args.cached or (args.opt_out and args.opt_in):
             raise UsageError("--opt-out VM and --opt-in VM go alone")
