@@ -135,19 +135,26 @@ asyncio.run(main())
 
 def test_attached_socket_is_checked_at_every_connect(guests: Guests, run_dir: Path,
                                                      tmp_path: Path) -> None:
-    """`hv attach` checked a QEMU; later another process serves the same path: at the
-    next connect hv refuses, naming the process, before it sends anything.  And `hv
-    attach` itself refuses a peer that answers like QEMU but is not."""
-    g = guests.launch("real", mem="256M")
-    ext = tmp_path / "ext.sock"
-    os.symlink(g["socket"], ext)
-    done = hv_cli("attach", "web", str(ext))
+    """`hv attach` registered a QEMU's socket; later another process serves the same path:
+    at the next connect hv refuses, naming the process, before it sends anything."""
+    from hv.qemu import accel
+    from hv.qemu.accel import QEMU
+
+    sock, pidfile = tmp_path / "ext.sock", tmp_path / "ext.pid"
+    # A QEMU hv did not start (stopped before its first instruction: -S).
+    subprocess.run([QEMU, "-machine", "pc", "-accel", accel.choose().accel, "-m", "128M",
+                    "-S", "-display", "none", "-nodefaults",
+                    "-qmp", f"unix:{sock},server=on,wait=off", "-daemonize",
+                    "-pidfile", str(pidfile)], check=True, capture_output=True, timeout=60)
+    qemu_pid = int(pidfile.read_text())
+    guests.adopt(qemu_pid)
+    done = hv_cli("attach", "web", str(sock))
     assert done.returncode == 0, done.stderr
     assert hv_cli("status", "web").returncode == 0
-    kill_pid(g["pid"])
-    Path(g["socket"]).unlink(missing_ok=True)
+    kill_pid(qemu_pid)
+    sock.unlink(missing_ok=True)
     asked = tmp_path / "asked.txt"
-    impostor = subprocess.Popen([sys.executable, "-c", IMPOSTOR, g["socket"], str(asked)],
+    impostor = subprocess.Popen([sys.executable, "-c", IMPOSTOR, str(sock), str(asked)],
                                 stdout=subprocess.PIPE, text=True)
     try:
         assert impostor.stdout is not None and impostor.stdout.readline() == "listening\n"
