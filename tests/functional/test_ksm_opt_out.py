@@ -19,7 +19,8 @@ import pytest
 
 from hv.qemu.vm import VM
 from tests.conftest import Guests, hv_cli, wait_for
-from tests.functional.hvrun import HvRun, assert_ksm_restored, ksm_snapshot, write_config
+from tests.functional.hvrun import (HvRun, assert_ksm_restored, bare_qemu, ksm_snapshot,
+                                   write_config)
 from tests.functional.test_sharing import HOG_MIB, HOG_PAGES
 
 pytestmark = pytest.mark.guest
@@ -126,15 +127,6 @@ def test_opt_out_unmerges_one_vm_while_the_others_keep_sharing(
 def test_backend_of_a_plain_m_guest(guests: Guests, tmp_path: Path) -> None:
     """A QEMU started with a plain ``-m`` (no -object): QEMU creates the backend itself,
     ``/objects/pc.ram`` on a pc machine, and hv finds it by qom-list."""
-    import subprocess
-
-    from hv.qemu import accel
-    from hv.qemu.accel import QEMU
-
-    sock, pidfile = tmp_path / "plain.sock", tmp_path / "plain.pid"
-    subprocess.run([QEMU, "-machine", "pc", "-accel", accel.choose().accel, "-m", "128M",
-                    "-S", "-display", "none", "-nodefaults",
-                    "-qmp", f"unix:{sock},server=on,wait=off", "-daemonize",
-                    "-pidfile", str(pidfile)], check=True, capture_output=True, timeout=60)
-    guests.adopt(int(pidfile.read_text()))
+    sock, pid = bare_qemu(tmp_path, "plain")
+    guests.adopt(pid)
     assert backend_merge(str(sock)) == ("/objects/pc.ram", True)

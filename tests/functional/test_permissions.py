@@ -21,7 +21,8 @@ import pytest
 
 from hv.daemon.status import status_file
 from tests.conftest import REPO, Guests, hv_cli, kill_pid, wait_for
-from tests.functional.hvrun import HvRun, assert_ksm_restored, ksm_snapshot, write_config
+from tests.functional.hvrun import (HvRun, assert_ksm_restored, bare_qemu, ksm_snapshot,
+                                   write_config)
 
 
 @pytest.fixture
@@ -137,16 +138,7 @@ def test_attached_socket_is_checked_at_every_connect(guests: Guests, run_dir: Pa
                                                      tmp_path: Path) -> None:
     """`hv attach` registered a QEMU's socket; later another process serves the same path:
     at the next connect hv refuses, naming the process, before it sends anything."""
-    from hv.qemu import accel
-    from hv.qemu.accel import QEMU
-
-    sock, pidfile = tmp_path / "ext.sock", tmp_path / "ext.pid"
-    # A QEMU hv did not start (stopped before its first instruction: -S).
-    subprocess.run([QEMU, "-machine", "pc", "-accel", accel.choose().accel, "-m", "128M",
-                    "-S", "-display", "none", "-nodefaults",
-                    "-qmp", f"unix:{sock},server=on,wait=off", "-daemonize",
-                    "-pidfile", str(pidfile)], check=True, capture_output=True, timeout=60)
-    qemu_pid = int(pidfile.read_text())
+    sock, qemu_pid = bare_qemu(tmp_path, "ext")
     guests.adopt(qemu_pid)
     done = hv_cli("attach", "web", str(sock))
     assert done.returncode == 0, done.stderr
