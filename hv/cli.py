@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 from hv import __version__, paths
-from hv.errors import HvError, QMPBusy, UsageError
+from hv.errors import HvError, QMPBusy, UsageError, VMError, VMGone
 from hv.qemu import accel as accel_mod
 from hv.qemu import launch as launcher
 from hv.qemu.vm import VM
@@ -97,7 +97,18 @@ async def _status_live(name: str, sock: str) -> dict[str, Any]:
         usage = vm.host_usage()
         row["host_resident_bytes"] = usage.rss_bytes
         row["host_swap_bytes"] = usage.swap_bytes
+        row["ksm"] = await _ksm_of(vm)
         return row
+
+
+async def _ksm_of(vm: VM) -> str | None:
+    """Issue 9: "on", or "opted out" when its RAM backend has merge=off (None: unknown)."""
+    try:
+        return "on" if await vm.merge() else "opted out"
+    except VMGone:
+        raise
+    except VMError:
+        return None
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
@@ -120,11 +131,11 @@ async def cmd_status(args: argparse.Namespace) -> int:
         print("no VMs known to hv (launch some with scripts/run_guests.sh, or `hv attach NAME SOCKET`)")
     else:
         header = ["VM", "PID", "ACCEL", "STATE", "MAX", "BALLOON", "GUEST-TOTAL", "GUEST-FREE",
-                  "GUEST-AVAIL", "HOST-RSS", "HOST-SWAP"]
+                  "GUEST-AVAIL", "HOST-RSS", "HOST-SWAP", "KSM"]
         out: list[list[object]] = []
         for r in rows:
             if "error" in r:
-                out.append([r["vm"], None, None, "unreachable"] + [None] * 7)
+                out.append([r["vm"], None, None, "unreachable"] + [None] * 8)
                 continue
             g: dict[str, Any] = r["guest"] or {}
             run_state = r["run_state"]
@@ -133,7 +144,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
             out.append([r["vm"], r["pid"], r["accel"], run_state, _size(r["max_bytes"]),
                         _size(r["balloon_bytes"]), _size(g.get("total_bytes")),
                         _size(g.get("free_bytes")), _size(g.get("available_bytes")),
-                        _size(r["host_resident_bytes"]), _size(r["host_swap_bytes"])])
+                        _size(r["host_resident_bytes"]), _size(r["host_swap_bytes"]),
+                        r.get("ksm")])
         print(table(out, header))
     return 1 if failed else 0
 

@@ -1,6 +1,7 @@
 """The ``hv run``, ``hv swap`` and ``hv sample`` subcommands (registered by hv.cli).
 
-    hv run --config FILE [--log FILE] [--once] [--force-state STATE] [--force-state-file FILE]
+    hv run --config FILE [--log FILE] [--log-max-size SIZE] [--log-keep N] [--once]
+           [--force-state STATE] [--force-state-file FILE] [--allow-other-tuners]
     hv swap create SIZE [--path P] | hv swap remove [--path P] | hv swap status
     hv sample VM [--period S] [--pages N] [--periods K]
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hv.daemon import Daemon, Options, parse_state
+from hv.eventlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EventLog
 from hv.errors import HvError, UsageError
 from hv.host import swap
 from hv.policy import VMClock, WorkingSetEstimator
@@ -32,6 +34,7 @@ def _notice(line: str) -> None:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
+    EventLog.check_limits(parse_size(args.log_max_size), args.log_keep)
     options = Options(
         config_path=Path(args.config),
         log_path=Path(args.log) if args.log else None,
@@ -39,6 +42,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
         force_state=parse_state(args.force_state) if args.force_state else None,
         force_state_file=Path(args.force_state_file) if args.force_state_file else None,
         guardian=not args.no_guardian,
+        log_max_bytes=parse_size(args.log_max_size),
+        log_keep=args.log_keep,
+        allow_tuners=args.allow_other_tuners,
     )
     daemon = Daemon(options, notify=_notice)
     await daemon.run()
@@ -112,6 +118,13 @@ def register(sub: Any) -> None:
     s = sub.add_parser("run", help="the allocation loop: manage the configured VMs' memory")
     s.add_argument("--config", required=True, help="TOML configuration (see hv.policy.config)")
     s.add_argument("--log", help="event log, JSON lines (default: STATE/daemon/events.jsonl)")
+    s.add_argument("--log-max-size", default=format_size(DEFAULT_MAX_BYTES), metavar="SIZE",
+                   help="rotate the event log past this size (default %(default)s)")
+    s.add_argument("--log-keep", type=int, default=DEFAULT_KEEP, metavar="N",
+                   help="rotated event-log files kept: FILE.1 (newest) to FILE.N "
+                   "(default %(default)s; 0: none)")
+    s.add_argument("--allow-other-tuners", action="store_true",
+                   help="only warn, instead of refusing to start, when ksmtuned or momd runs")
     s.add_argument("--once", action="store_true",
                    help="one tick (collect, decide, act, log) with the saved estimates, then stop")
     s.add_argument("--force-state", choices=["high", "soft", "hard", "low"],

@@ -51,6 +51,7 @@ from hv.daemon import status
 from hv.daemon.act import act, forget_pause, resume
 from hv.daemon.collect import host_available_bytes, collect
 from hv.daemon.managed import Context, ManagedVM
+from hv.daemon.merge import read_merge, set_merge
 from hv.daemon.sampling import sample_loop, save_estimator
 from hv.daemon.sharing import SharingService
 from hv.errors import (
@@ -62,9 +63,10 @@ from hv.errors import (
     VMGone,
     VMNotFound,
 )
-from hv.eventlog import EventLog
+from hv.eventlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EventLog
 from hv.guardian import GuardFile
-from hv.host import proc, swap
+from hv.host import proc, swap, tuners
+from hv.host.notify import Notifier
 from hv.policy import (
     AdmissionControl,
     Config,
@@ -86,6 +88,7 @@ from hv.policy.reclaim import (
 from hv.qemu import launch
 from hv.qemu.vm import VM, VMState, balloon_floor
 from hv.sampler import SamplerUnavailable, check_can_sample
+from hv.sharing import optout
 from hv.sharing.scan import Target
 from hv.units import format_size
 
@@ -135,6 +138,9 @@ class Options:
     force_state: MemState | None = None
     force_state_file: Path | None = None
     guardian: bool = True
+    log_max_bytes: int = DEFAULT_MAX_BYTES  # the event log rotates past this size
+    log_keep: int = DEFAULT_KEEP  # rotated event-log files kept
+    allow_tuners: bool = False  # only warn when ksmtuned or momd runs
 
 
 class Daemon:
@@ -143,6 +149,8 @@ class Daemon:
     def __init__(self, options: Options, notify: Callable[[str], None] | None = None) -> None:
         self.options = options
         self.notify = notify or (lambda line: None)
+        self.systemd = Notifier(warn=self.notify)  # sd_notify; inert outside systemd
+        self._systemd_status = ""
         self.dir = paths.state_dir() / "daemon"
         self.vms: list[ManagedVM] = []
         self.waiting: dict[str, VMConfig] = {}  # configured VMs whose QEMU went away
@@ -165,6 +173,8 @@ class Daemon:
         self._pool = 0  # the pool at the last decision
         self._status_problem: str | None = None  # why status.json cannot be written
         self._kept_pause: dict[str, int] = {}  # VM -> pid hv paused, connection lost
+        self._opt_choices: dict[str, bool] = {}  # the admin's hv share --opt-out/--opt-in
+        self._opt_mtime: float | None = None
 
     @property
     def log(self) -> EventLog:
@@ -174,12 +184,14 @@ class Daemon:
     # -- start -------------------------------------------------------------------
     async def start(self) -> None:
         """Validate, attach, admit; everything that may refuse happens here."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        paths.private_dir(self.dir)
         self._take_lock()
         config = self._load_config()
         self.config = config
+        self._check_tuners()
         self._undo_previous_run()
         log = EventLog(self.options.log_path or (self.dir / "events.jsonl"),
+                       self.options.log_max_bytes, self.options.log_keep,
                        on_error=lambda exc: self.notify(
                            f"warning: cannot write the event log: {exc}; counting lost events"))
         self.ctx = Context(log, self.guard, self.notify)
@@ -221,8 +233,19 @@ class Daemon:
         return StateTracker(config.host.managed_bytes, config.host.thresholds,
                             config.host.hysteresis_pct, initial=state)
 
+    def _check_tuners(self) -> None:
+        """Refuse to start beside ksmtuned or momd (or, when allowed, say they run)."""
+        others = tuners.running_tuners()
+        if not others:
+            return
+        what = tuners.describe(others)
+        if not self.options.allow_tuners:
+            raise HostError(f"other memory tuners run and would fight hv over KSM and balloons: "
+                            f"{what}; stop them, or pass --allow-other-tuners")
+        self.notify(f"warning: other memory tuners run (--allow-other-tuners): {what}")
+
     def _take_lock(self) -> None:
-        lock = open(self.dir / "lock", "a+")
+        lock = os.fdopen(paths.open_private(self.dir / "lock", os.O_RDWR), "r+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -284,7 +307,10 @@ class Daemon:
         except BaseException:
             await vm.detach()
             raise
-        return self._managed(cfg, vm, max_bytes)
+        m = self._managed(cfg, vm, max_bytes)
+        if self.ctx is not None:
+            await read_merge(self.ctx, m)
+        return m
 
     @staticmethod
     def _max_of(config: Config, cfg: VMConfig, vm: VM) -> int:
@@ -356,7 +382,8 @@ class Daemon:
 
     def _share_targets(self) -> list[Target]:
         return [Target.from_info(m.vm.info) for m in self.vms
-                if m.failing is None and m.gone is None and m.vm.state is VMState.ATTACHED]
+                if m.failing is None and m.gone is None and m.vm.state is VMState.ATTACHED
+                and m.merge is not False]  # an opted-out VM is no part of the estimates
 
     # -- run ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -378,8 +405,10 @@ class Daemon:
                     self.ctx, lambda: self._host_config().host.share_interval_s,
                     self._share_targets)
                 await self.sharing.start()
+            self._check_watchdog()
             while not self.stop_event.is_set():
                 await self.tick()
+                self._tell_systemd()
                 if self.options.once:
                     break
                 waits = [asyncio.ensure_future(e.wait())
@@ -390,11 +419,36 @@ class Daemon:
                     w.cancel()
                 if self.reload_event.is_set() and not self.stop_event.is_set():
                     self.reload_event.clear()
+                    self.systemd.reloading()
                     await self.reload()
+                    self.systemd.ready(self._systemd_status)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            self.systemd.stopping()
             await self.shutdown()
+
+    def _check_watchdog(self) -> None:
+        """A watchdog shorter than two polls would kill a healthy hv between its ticks."""
+        assert self.config is not None
+        half = self.systemd.watchdog_s
+        if half is not None and half <= self.config.host.poll_interval_s:
+            self.notify(f"warning: systemd's WatchdogSec ({2 * half:g} s) is not more than "
+                        f"twice host.poll_interval_s ({self.config.host.poll_interval_s:g} s): "
+                        "raise WatchdogSec")
+
+    def _tell_systemd(self) -> None:
+        """After a complete tick: READY=1 the first time, then WATCHDOG=1 (at half the
+        watchdog's timeout) and the state as STATUS= when it changes."""
+        text = f"{self.state}: {len(self.vms)} VMs managed" + (
+            f", {len(self.waiting)} gone" if self.waiting else "")
+        if self.ticks == 1:
+            self.systemd.ready(text)
+            self.log.write("ready", systemd=self.systemd.enabled)
+        elif text != self._systemd_status:
+            self.systemd.status(text)
+        self._systemd_status = text
+        self.systemd.watchdog()
 
     def _forced(self) -> MemState | None:
         path = self.options.force_state_file
@@ -422,6 +476,29 @@ class Daemon:
         for m in list(self.vms):
             if m.gone is not None:
                 await self._drop(m, m.gone)
+
+    def _merge_jobs(self) -> list[asyncio.Task[None]]:
+        """KSM opt-out: a job for each VM whose RAM must go out of sharing or back in
+        (config ``ksm``, the admin's record reread when it changes)."""
+        assert self.ctx is not None
+        mtime = optout.record_mtime()
+        if mtime != self._opt_mtime:
+            try:
+                self._opt_choices = optout.admin_choices()
+                self._opt_mtime = mtime
+            except HvError as exc:
+                self.log.write("opt_out_unreadable", error=str(exc))
+                self._opt_mtime = mtime  # logged once per change of the file
+        jobs = []
+        for m in self.vms:
+            if m.merge is None or m.busy:
+                continue
+            want = optout.wanted(m.cfg.ksm, self._opt_choices.get(m.name), m.merge,
+                                 m.merge_off_by_hv)
+            if want is not None:
+                m.job = asyncio.create_task(set_merge(self.ctx, m, want))
+                jobs.append(m.job)
+        return jobs
 
     def _due(self, m: ManagedVM, now_s: float) -> bool:
         """Whether ``m`` is read this tick: always while anything may need doing (a worse
@@ -474,7 +551,7 @@ class Daemon:
         if known:
             state, real, free = self._update_state()
         # 2. collect: each due VM's own job; a VM still busy from before is not asked again.
-        jobs: list[asyncio.Task[None]] = []
+        jobs: list[asyncio.Task[None]] = self._merge_jobs()
         for m in self.vms:
             if not m.busy and self._due(m, started):
                 m.job = asyncio.create_task(collect(self.ctx, m))
@@ -563,6 +640,7 @@ class Daemon:
                 "host_swap_bytes": r.swap_bytes if r else None,
                 "run_state": r.run_state if r else None,
                 "guest": r.guest.as_dict() if r else None,
+                "ksm": None if m.merge is None else "on" if m.merge else optout.OPTED_OUT,
                 "failing": m.failing}
         try:
             status.publish(str(state), free, pool, vms)

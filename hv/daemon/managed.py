@@ -72,6 +72,9 @@ class ManagedVM:
     job: asyncio.Task[None] | None = None  # the one QMP job (collect or act) in flight
     sampler_task: asyncio.Task[None] | None = None
     clock: VMClock = field(default_factory=VMClock)
+    merge: bool | None = None  # its RAM backend's merge (open to KSM); None: unknown
+    merge_off_by_hv: bool = False  # hv took it out of sharing in this run
+    merge_problem: str | None = None  # why setting merge fails (logged once)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
 
     @property

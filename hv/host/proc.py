@@ -62,6 +62,21 @@ def exe_name(pid: int) -> str:
         return ""
 
 
+def not_qemu(pid: int) -> str | None:
+    """None if ``pid`` runs QEMU (its executable, its ``comm``, or its argv[0] is
+    ``qemu*``); else what it runs, for a message."""
+    exe = exe_name(pid)
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        comm = ""
+    argv0 = os.path.basename((cmdline(pid) or [""])[0])
+    if any(name.startswith("qemu") for name in (exe, comm, argv0)):
+        return None
+    return exe or comm or argv0 or "nothing known"
+
+
 # A header line of ``smaps`` ("START-END PERMS OFFSET DEV INODE [PATH]") and the three
 # figures hv reads from the record under it (the kernel's names, in kB).
 _SMAPS_HEADER_RE = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) ", re.MULTILINE)

@@ -18,6 +18,7 @@ Example, with every default spelled out::
     min = "128M"                   # guaranteed memory (required)
     max = "512M"                   # configured guest memory; with a socket, default: the VM's size
     shares = 1000                  # relative importance
+    ksm = true                     # false: keep its RAM out of page sharing (KSM), live
 
 The ``[host]`` defaults are the paper's (tax 0.75, 100 pages, 30 s, 6/4/2/1 %).
 Sizes are strings such as ``"512M"`` or whole numbers of bytes.  Every problem is
@@ -95,7 +96,7 @@ _HOST_KEYS = frozenset(
      "hysteresis_pct", "poll_interval_s", "share_interval_s", "idle_collect_s"}
 )
 _THRESHOLD_KEYS = ("high", "soft", "hard", "low")
-_VM_KEYS = frozenset({"socket", "min", "max", "shares"})
+_VM_KEYS = frozenset({"socket", "min", "max", "shares", "ksm"})
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class VMConfig:
     max_bytes: int | None = None
     shares: int = DEFAULT_SHARES
     socket: str | None = None
+    ksm: bool = True  # False: the VM opts out of page sharing (side channels across tenants)
 
 
 @dataclass(frozen=True)
@@ -347,8 +349,11 @@ def _parse_vm(source: str, name: str, table: object, base_dir: str | Path | None
     shares = r.integer("shares", DEFAULT_SHARES)
     if shares <= 0:
         r.fail("shares", f"must be more than 0, got {shares}")
+    ksm = table.get("ksm", True)
+    if not isinstance(ksm, bool):
+        r.fail("ksm", f"must be true or false, not {_describe(ksm)}")
     return VMConfig(name=name, min_bytes=min_bytes, max_bytes=max_bytes, shares=shares,
-                    socket=socket)
+                    socket=socket, ksm=ksm)
 
 
 def load_config(path: str | Path, host_memory_bytes: int) -> Config:

@@ -122,6 +122,5 @@ def choose(reprobe: bool = False) -> AccelVerdict:
         except (ValueError, TypeError):
             pass
     verdict = measure()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(asdict(verdict)))
+    paths.write_json_atomic(cache, asdict(verdict))
     return verdict

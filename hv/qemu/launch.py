@@ -138,8 +138,7 @@ async def launch(spec: GuestSpec) -> VM:
     where = vm_dir(spec.name)
     if os.path.lexists(where / "qmp.sock"):
         raise UsageError(f"a VM named {spec.name!r} is already registered in {where}")
-    where.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(where, 0o700)
+    paths.private_dir(where)  # issue 9: and the run directory above it, 0700
     for stale in ("console.log", "qemu.pid"):
         (where / stale).unlink(missing_ok=True)
     try:
@@ -255,7 +254,13 @@ async def attach_external(name: str, socket_path: str) -> VM:
         if twin is not None:
             raise UsageError(f"{socket_path} leads to QEMU pid {vm.info.pid}, already "
                              f"registered as {twin!r}")
-        where.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # -- issue 9: a socket hv is told to manage must be QEMU's (checked again at
+        # every later connect: QMPSession.open).
+        runs = proc.not_qemu(vm.info.pid)
+        if runs is not None:
+            raise UsageError(f"{socket_path} is served by process {vm.info.pid} ({runs}), "
+                             "not QEMU: not attached")
+        paths.private_dir(where)
         (where / "qmp.sock").symlink_to(target)
         (where / "meta.json").write_text(json.dumps({"attached": str(target), "pid": vm.info.pid}))
     except BaseException:

@@ -22,6 +22,7 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp import QMPError as LibQMPError
 
 from hv.errors import QMPBusy, QMPError, VMError, VMGone, VMNotFound
+from hv.host import proc
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,15 @@ class QMPSession:
         except OSError as exc:
             sock.close()
             raise QMPError(self.name, f"cannot connect to {self.socket_path}: {exc.strerror or exc}") from exc
+        # -- issue 9: a socket `hv attach` registered (a symlink in the run directory) must
+        # still lead to QEMU at every connect; another process may serve that path now.
+        # Nothing is sent to it.
+        if self.socket_path.is_symlink():
+            other = proc.not_qemu(self.pid)
+            if other is not None:
+                sock.close()
+                raise QMPError(self.name, f"{self.socket_path} is served by process {self.pid} "
+                               f"({other}), not QEMU: refusing to talk to it")
         try:
             await asyncio.wait_for(self._client.connect(sock), CONNECT_TIMEOUT_S)
         except asyncio.TimeoutError as exc:

@@ -355,6 +355,29 @@ class VM:
         self.state = VMState.GONE
         await self._session.close()
 
+    # -- page sharing (issue 9) ----------------------------------------------------
+    async def ram_backend(self) -> str:
+        """QOM path of the memory backend holding guest RAM: ``/objects/ID``, where ID is
+        the RAM block's name (``-object memory-backend-*,id=ram0``, or the ``pc.ram``
+        QEMU creates for a plain ``-m``)."""
+        block = self.info.ram[0].block
+        for child in await self._cmd("qom-list", {"path": "/objects"}):
+            if child["name"] == block and str(child["type"]).startswith("child<memory-backend"):
+                return f"/objects/{block}"
+        raise VMError(self.name, f"no memory backend /objects/{block} for RAM block {block!r}")
+
+    async def merge(self) -> bool:
+        """Whether guest RAM is open to KSM (the backend's ``merge`` property)."""
+        path = await self.ram_backend()
+        return bool(await self._cmd("qom-get", {"path": path, "property": "merge"}))
+
+    async def set_merge(self, on: bool) -> str:
+        """Open guest RAM to KSM, or take it out live: QEMU madvises the whole backend
+        MADV_UNMERGEABLE, which unmerges every page KSM merged.  Returns the backend."""
+        path = await self.ram_backend()
+        await self._cmd("qom-set", {"path": path, "property": "merge", "value": on})
+        return path
+
     # -- host side ---------------------------------------------------------------
     def host_usage(self) -> proc.RangeUsage:
         """Resident and swapped bytes of guest RAM in the host (from smaps)."""

@@ -9,15 +9,24 @@ import argparse
 import math
 import asyncio
 import json
+import time
 from typing import Any
 
-from hv.errors import UsageError
+from hv.errors import HvError, QMPBusy, UsageError
+from hv.qemu import launch as launcher
+from hv.qemu.vm import VM
+from hv.sharing import optout
 from hv.sharing import state as st
 from hv.sharing.index import SharingIndex, VmPages, build_index, read_ksm_stat
 from hv.sharing.scan import Scanner, Target, open_targets
 from hv.units import PAGE_SIZE, format_size, table
 
 __all__ = ["register", "cmd_share", "format_index"]
+
+
+# hv run applies an opt-out at its next tick (a second by default) and unmerging a
+# VM's pages takes about a second per GiB merged.
+OPT_DAEMON_WAIT_S = 30.0
 
 
 def _pages(n: float) -> str:
@@ -77,10 +86,17 @@ def _share_cached(targets: list[Target]) -> SharingIndex:
 async def cmd_share(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.interval) and args.interval >= 0):
         raise UsageError("--interval must be a finite number of seconds, 0 or more")
-    async with open_targets(args.vm) as targets:
-        if not targets:
+    if args.opt_out or args.opt_in:
+        if args.vm or args.cached or (args.opt_out and args.opt_in):
+            raise UsageError("--opt-out VM and --opt-in VM go alone")
+        return await _opt(args.opt_out or args.opt_in, merge=bool(args.opt_in))
+    async with open_targets(args.vm) as all_targets:
+        if not all_targets:
             print("no VMs known to hv (launch some, or name QMP sockets)")
             return 0
+        # An opted-out VM's pages are no part of what could be shared.
+        targets = [t for t in all_targets if t.merge is not False]
+        opted_out = [t.name for t in all_targets if t.merge is False]
         if args.cached:
             index = _share_cached(targets)
         else:
@@ -88,9 +104,44 @@ async def cmd_share(args: argparse.Namespace) -> int:
     if args.json:
         out: dict[str, Any] = index.as_dict()
         out["page_size"] = PAGE_SIZE
+        out["opted_out"] = opted_out
         print(json.dumps(out, indent=1))
     else:
         print(format_index(index))
+        for name in opted_out:
+            print(f"{name}: {optout.OPTED_OUT} (its RAM backend has merge=off): not scanned")
+    return 0
+
+
+async def _opt(vm_arg: str, merge: bool) -> int:
+    """``--opt-out`` / ``--opt-in``: record the admin's choice, then apply it: over QMP,
+    or, while ``hv run`` holds the VM's socket, by that daemon within a tick."""
+    name, sock = launcher.socket_of(vm_arg)
+    optout.set_admin_choice(name, merge)
+    what = "back in page sharing" if merge else "opted out of page sharing"
+    try:
+        async with VM(name, sock) as vm:
+            backend = await vm.set_merge(merge)
+    except QMPBusy:
+        from hv.daemon import running_status
+        snapshot = running_status()
+        if snapshot is None or name not in snapshot["vms"]:
+            raise
+        want = "on" if merge else optout.OPTED_OUT
+        deadline = time.monotonic() + OPT_DAEMON_WAIT_S
+        while time.monotonic() < deadline:
+            snapshot = running_status()
+            if snapshot is None or snapshot["vms"].get(name, {}).get("ksm") == want:
+                break
+            await asyncio.sleep(0.2)
+        if snapshot is None or snapshot["vms"].get(name, {}).get("ksm") != want:
+            raise HvError(f"{name}: recorded, but `hv run` did not apply it within "
+                          f"{OPT_DAEMON_WAIT_S:.0f} s (its configuration may say ksm = false; "
+                          "see its log)") from None
+        print(f"{name}: {what} (applied by hv run, pid {snapshot['pid']})")
+        return 0
+    print(f"{name}: {what} (merge={'on' if merge else 'off'} on {backend}"
+          + ("" if merge else "; KSM unmerges its pages") + ")")
     return 0
 
 
@@ -104,6 +155,9 @@ def register(subparsers: Any) -> None:
                    "(stability is judged across scans; default 2)")
     s.add_argument("--cached", action="store_true",
                    help="report from the page-state files only; do not scan")
+    s.add_argument("--opt-out", metavar="VM", help="take VM's RAM out of page sharing, live "
+                   "(QOM merge=off on its memory backend: KSM unmerges its pages); remembered")
+    s.add_argument("--opt-in", metavar="VM", help="put an opted-out VM back in page sharing")
     s.add_argument("--replace-bad-state", action="store_true",
                    help="replace a truncated or foreign page-state file instead of failing")
     s.set_defaults(func=cmd_share)

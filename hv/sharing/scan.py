@@ -13,6 +13,7 @@ fills scratch arrays; the file is only updated from a complete scan).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -37,6 +38,7 @@ class Target:
     socket: str
     pid: int
     ram: tuple[RamRange, ...]
+    merge: bool | None = None  # its RAM open to KSM (backend merge); None: not asked
 
     @classmethod
     def from_info(cls, info: VMInfo) -> "Target":
@@ -55,10 +57,9 @@ def check_qemu(name: str, pid: int) -> None:
     """Refuse a pid that is not a running QEMU process."""
     if not proc.alive(pid):
         raise VMGone(name, f"process {pid} does not exist")
-    exe = proc.exe_name(pid)
-    argv0 = (proc.cmdline(pid) or [""])[0]
-    if not (exe.startswith("qemu") or argv0.rsplit("/", 1)[-1].startswith("qemu")):
-        raise VMError(name, f"process {pid} is not QEMU (it runs {exe or argv0 or 'nothing known'!r})")
+    other = proc.not_qemu(pid)
+    if other is not None:
+        raise VMError(name, f"process {pid} is not QEMU (it runs {other!r})")
 
 
 @asynccontextmanager
@@ -68,7 +69,13 @@ async def open_targets(names: Sequence[str]) -> AsyncIterator[list[Target]]:
     out = []
     for name, sock in pairs:
         async with VM(name, sock) as vm:
-            out.append(Target.from_info(vm.info))
+            try:
+                merge: bool | None = await vm.merge()
+            except VMGone:
+                raise
+            except VMError:  # no backend hv can find: KSM state unknown
+                merge = None
+            out.append(dataclasses.replace(Target.from_info(vm.info), merge=merge))
     yield out
 
 

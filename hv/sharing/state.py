@@ -188,9 +188,10 @@ def create(path: Path, identity: Identity) -> PageState:
     ident = json.dumps(identity.as_dict(), sort_keys=True).encode()
     if _HEAD.size + len(ident) > HEADER_BYTES:
         raise StateFileError(f"{path}: VM identity too long for the header ({len(ident)} bytes)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    # 0600 in a 0700 directory: frame numbers and content hashes are a side channel
+    # (which host frames hold which guest content) for any other local user.
+    with os.fdopen(paths.open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
         try:
             # Real blocks, not a sparse file: a page of the map that the file system
             # cannot back (a full disk) would kill hv with SIGBUS when first written.
@@ -241,6 +242,8 @@ def open_state(path: Path, expect: Identity | None = None, writable: bool = True
     except OSError as exc:
         raise StateFileError(f"{path}: cannot open: {exc.strerror}") from exc
     try:
+        if writable:
+            os.fchmod(fd, paths.PRIVATE_FILE_MODE)  # a file from before hv kept them private
         size = os.fstat(fd).st_size
         if size == 0:
             raise StateFileError(f"{path}: truncated (empty)")

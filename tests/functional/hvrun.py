@@ -169,3 +169,17 @@ def guardian_pids(state_dir: Path) -> list[int]:
         if b"hv.guardian" in argv and any(str(state_dir).encode() in a for a in argv):
             out.append(int(entry.name))
     return out
+
+
+def bare_qemu(where: Path, name: str) -> tuple[Path, int]:
+    """A QEMU hv did not start: plain ``-m 128M`` (QEMU makes its RAM backend itself),
+    stopped before its first instruction (``-S``), QMP at ``where/NAME.sock``.
+    Returns (socket, pid); the caller owns the process (``Guests.adopt``)."""
+    from hv.qemu import accel
+
+    sock, pidfile = where / f"{name}.sock", where / f"{name}.pid"
+    subprocess.run([accel.QEMU, "-machine", "pc", "-accel", accel.choose().accel,
+                    "-m", "128M", "-S", "-display", "none", "-nodefaults",
+                    "-qmp", f"unix:{sock},server=on,wait=off", "-daemonize",
+                    "-pidfile", str(pidfile)], check=True, capture_output=True, timeout=60)
+    return sock, int(pidfile.read_text())

@@ -84,6 +84,7 @@ class FakeGuest:
     swap_bytes: int = 0
     alive: bool = True
     hung: bool = False
+    merge: bool = True  # its RAM backend's merge property (open to KSM)
     calls: list[tuple[str, int | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -172,6 +173,15 @@ class FakeVM:
     async def pause(self) -> None:
         await self._qmp("stop")
         self.guest.run_state = "paused"
+
+    async def merge(self) -> bool:
+        await self._qmp("qom-get merge")
+        return self.guest.merge
+
+    async def set_merge(self, on: bool) -> str:
+        await self._qmp("qom-set merge", int(on))
+        self.guest.merge = on
+        return "/objects/pc.ram"
 
     async def resume(self) -> None:
         await self._qmp("cont")
@@ -677,5 +687,35 @@ def test_an_idle_host_reads_its_vms_rarely_and_all_at_once_under_pressure(sim: S
         assert d.state is MemState.SOFT
         assert all(len(g.calls) > c for g, c in zip(guests, calls)), "read at once"
         assert len(sim.events("tick")) == 4
+
+    run(sim, scenario)
+
+
+# -- KSM opt-out (issue 9) ------------------------------------------------------------------
+def test_ksm_opt_out_by_config_and_by_the_admin(sim: Sim) -> None:
+    """``ksm = false`` takes a VM out at the first tick; the admin's record takes another
+    out and back in, live; a VM whose merging someone else turned off stays off."""
+    from hv.sharing import optout
+
+    h = sim.host
+    tenant, other, theirs = h.guest("tenant"), h.guest("other"), h.guest("theirs")
+    theirs.merge = False  # its QEMU was started with merge=off
+    sim.write_config({"tenant": 'min = "512M"\nksm = false', "other": 'min = "512M"',
+                      "theirs": 'min = "512M"'})
+
+    async def scenario(d: Daemon) -> None:
+        await sim.tick(d)
+        assert not tenant.merge and other.merge and not theirs.merge
+        assert [e["vm"] for e in sim.events("ksm_opt_out")] == ["tenant"]
+        assert [t.name for t in d._share_targets()] == ["other"]
+        optout.set_admin_choice("other", False)
+        await sim.tick(d)
+        assert not other.merge and managed(d, "other").merge_off_by_hv
+        optout.set_admin_choice("other", True)
+        await sim.tick(d)
+        assert other.merge and [e["vm"] for e in sim.events("ksm_opt_in")] == ["other"]
+        await sim.tick(d, 3)
+        assert not theirs.merge and ("qom-set merge", 1) not in theirs.calls
+        assert tenant.calls.count(("qom-set merge", 0)) == 1  # once, not every tick
 
     run(sim, scenario)
