@@ -27,7 +27,8 @@ from hv.units import format_size, parse_size, table
 
 # Modules that add their own subcommands: each has ``register(subparsers) -> None`` and
 # sets ``func`` (an async handler taking the parsed arguments and returning the exit code).
-COMMAND_MODULES: tuple[str, ...] = ("hv.sharing.commands", "hv.daemon_commands")
+COMMAND_MODULES: tuple[str, ...] = ("hv.sharing.commands", "hv.daemon_commands",
+                                     "hv.ops.commands")
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 

@@ -1,6 +1,7 @@
 """The ``hv run``, ``hv swap`` and ``hv sample`` subcommands (registered by hv.cli).
 
     hv run --config FILE [--log FILE] [--once] [--force-state STATE] [--force-state-file FILE]
+           [--metrics [ADDR:PORT]]
     hv swap create SIZE [--path P] | hv swap remove [--path P] | hv swap status
     hv sample VM [--period S] [--pages N] [--periods K]
 """
@@ -41,7 +42,18 @@ async def cmd_run(args: argparse.Namespace) -> int:
         guardian=not args.no_guardian,
     )
     daemon = Daemon(options, notify=_notice)
-    await daemon.run()
+    server = None
+    if args.metrics is not None:
+        from hv.ops import OpsServer, parse_listen
+        server = OpsServer(*parse_listen(args.metrics))
+        server.start()  # before anything changes: a port in use refuses the run
+        daemon.on_publish.append(server.update)
+        _notice(f"metrics at {server.url}metrics, dashboard at {server.url}")
+    try:
+        await daemon.run()
+    finally:
+        if server is not None:
+            server.stop()
     return 0
 
 
@@ -120,6 +132,9 @@ def register(sub: Any) -> None:
                    help="read a forced state from FILE every tick (empty or absent: none)")
     s.add_argument("--no-guardian", action="store_true",
                    help="do not spawn the process that resumes VMs if hv is killed")
+    s.add_argument("--metrics", nargs="?", const="", metavar="ADDR:PORT",
+                   help="serve Prometheus /metrics and the dashboard / over HTTP "
+                   "(default 127.0.0.1:7479)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("swap", help="host swap for hypervisor swapping and the sampler")

@@ -17,7 +17,10 @@ from hv.policy.reclaim import BalloonProgress
 from hv.policy.vmtime import VMClock
 from hv.qemu.vm import VM, GuestStats
 
-__all__ = ["Context", "Reading", "ManagedVM"]
+__all__ = ["ACTIONS", "Context", "Reading", "ManagedVM"]
+
+# The kinds of action hv takes on a VM, counted per VM.
+ACTIONS = ("balloon", "swap", "pause")
 
 
 @dataclass
@@ -71,6 +74,10 @@ class ManagedVM:
     sampler_task: asyncio.Task[None] | None = None
     clock: VMClock = field(default_factory=VMClock)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    # What hv did to the VM since it was attached: actions by kind ("balloon", "swap",
+    # "pause") and pages paged out; counters for the metrics.
+    actions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ACTIONS, 0))
+    paged_out_pages: int = 0
 
     @property
     def name(self) -> str:

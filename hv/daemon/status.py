@@ -1,5 +1,13 @@
 """The daemon's published status: what the last tick saw, for `hv status` and other readers.
 
+The snapshot (one JSON object, :func:`publish`): ``pid``, ``started``, ``time``,
+``version``, ``state``, ``free_bytes``, ``pool_bytes``, ``tick`` (ticks so far),
+``tick_seconds`` (the last tick) and ``tick_seconds_total``, ``admission_refusals``,
+``ksm`` (:meth:`~hv.daemon.sharing.SharingService.observe`, or None when sharing is
+off) and ``vms``, one :func:`vm_row` per managed VM.  Readers (``hv status``,
+``hv share --cached``, ``hv top``, the metrics and dashboard server of :mod:`hv.ops`)
+take it as it is; only this module writes it.
+
 ``hv run`` holds every VM's QMP socket (QEMU serves one client at a time), so other
 commands read this snapshot instead of asking QEMU.  It names the daemon by pid *and*
 the process's start time, so a reused pid is never taken for a running daemon.
@@ -13,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hv import paths
+from hv import __version__, paths
+from hv.daemon.managed import ManagedVM
 from hv.host import proc
+from hv.policy.reclaim import policy_active_fraction
 
-__all__ = ["status_file", "running_status", "publish"]
+__all__ = ["status_file", "running_status", "vm_row", "publish"]
 
 
 def status_file() -> Path:
@@ -50,9 +60,37 @@ def running_status() -> dict[str, Any] | None:
     return snapshot if alive else None
 
 
-def publish(state: str, free_bytes: int, pool_bytes: int, vms: dict[str, Any]) -> None:
-    """Write the snapshot atomically."""
+def vm_row(m: ManagedVM, sharing: dict[str, Any] | None) -> dict[str, Any]:
+    """One VM of the snapshot: its limits, what hv read and decided, what it did.
+
+    ``sharing`` is the VM's row of the KSM service's last index (None: not scanned).
+    """
+    r, est, info = m.reading, m.estimator, m.vm.info
+    allocated = min(r.resident_bytes, m.max_bytes) if r else m.max_bytes
+    return {
+        "socket": m.vm.socket_path, "pid": m.pid, "configured_bytes": info.ram_bytes,
+        "max_bytes": m.max_bytes, "min_bytes": m.cfg.min_bytes, "shares": m.cfg.shares,
+        "target_bytes": m.target_bytes, "paused_by_hv": m.paused_by_hv,
+        "active_fraction": est.active_fraction,
+        "active": {"slow": est.slow, "fast": est.fast, "current": est.current,
+                   "used": policy_active_fraction(est.active_fraction, m.measured_pages,
+                                                  allocated)},
+        "balloon_bytes": r.balloon_bytes if r else None,
+        "host_resident_bytes": r.resident_bytes if r else None,
+        "host_swap_bytes": r.swap_bytes if r else None,
+        "run_state": r.run_state if r else None,
+        "guest": r.guest.as_dict() if r else None,
+        "failing": m.failing,
+        "actions": dict(m.actions), "paged_out_pages": m.paged_out_pages,
+        "sharing": sharing,
+        "ram": [{"block": x.block, "hva": x.hva, "size": x.size} for x in info.ram]}
+
+
+def publish(**snapshot: Any) -> dict[str, Any]:
+    """Write the snapshot atomically (the keys of the module docstring, but for ``pid``,
+    ``started``, ``time`` and ``version``, which this adds); returns what it wrote."""
     pid = os.getpid()
-    paths.write_json_atomic(status_file(), {
-        "pid": pid, "started": _started(pid), "time": time.time(), "state": state,
-        "free_bytes": free_bytes, "pool_bytes": pool_bytes, "vms": vms})
+    out = {"pid": pid, "started": _started(pid), "time": time.time(), "version": __version__,
+           **snapshot}
+    paths.write_json_atomic(status_file(), out)
+    return out

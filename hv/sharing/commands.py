@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+from collections.abc import Sequence
 from typing import Any
 
-from hv.errors import HvError, UsageError
+from hv.errors import HvError, QMPBusy, UsageError
+from hv.qemu import launch as launcher
+from hv.qemu.vm import RamRange
 from hv.sharing import state as st
 from hv.sharing.index import SharingIndex, VmPages, build_index, read_ksm_stat
 from hv.sharing.scan import Scanner, Target, open_targets
@@ -65,17 +69,49 @@ def _share_cached(targets: list[Target]) -> SharingIndex:
     return build_index(vms)
 
 
+def _daemon_targets(names: Sequence[str]) -> list[Target] | None:
+    """The targets as the running ``hv run`` published them (None if it does not manage
+    them all): its VMs' pids and RAM, for reading page state while it holds QMP."""
+    from hv.daemon.status import running_status
+    snapshot = running_status()
+    if snapshot is None:
+        return None
+    pairs = [launcher.socket_of(n) for n in names] if names else launcher.known_vms()
+    by_socket = {os.path.realpath(row["socket"]): (vm, row) for vm, row in snapshot["vms"].items()}
+    out = []
+    for _, sock in pairs:
+        found = by_socket.get(os.path.realpath(sock))
+        if found is None or not found[1].get("ram"):
+            return None
+        vm, row = found  # the daemon's name: its scanner's state files go by it
+        out.append(Target(vm, row["socket"], row["pid"], tuple(RamRange(**r) for r in row["ram"])))
+    return out
+
+
+async def _targets(names: Sequence[str], cached: bool) -> list[Target]:
+    """The VMs to report on, asked over QMP; for a report from the page-state files only
+    (``cached``), from the running ``hv run``'s snapshot when it holds their QMP."""
+    try:
+        async with open_targets(names) as targets:
+            return targets
+    except QMPBusy:
+        daemon_targets = _daemon_targets(names) if cached else None
+        if daemon_targets is None:
+            raise
+        return daemon_targets
+
+
 async def cmd_share(args: argparse.Namespace) -> int:
     if args.interval < 0:
         raise UsageError("--interval must not be negative")
-    async with open_targets(args.vm) as targets:
-        if not targets:
-            print("no VMs known to hv (launch some, or name QMP sockets)")
-            return 0
-        if args.cached:
-            index = _share_cached(targets)
-        else:
-            index = await asyncio.to_thread(_share_scan, targets, args.interval, args.replace_bad_state)
+    targets = await _targets(args.vm, args.cached)
+    if not targets:
+        print("no VMs known to hv (launch some, or name QMP sockets)")
+        return 0
+    if args.cached:
+        index = _share_cached(targets)
+    else:
+        index = await asyncio.to_thread(_share_scan, targets, args.interval, args.replace_bad_state)
     if args.json:
         out: dict[str, Any] = index.as_dict()
         out["page_size"] = PAGE_SIZE
