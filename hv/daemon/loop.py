@@ -53,7 +53,15 @@ from hv.daemon.collect import host_available_bytes, collect
 from hv.daemon.managed import Context, ManagedVM
 from hv.daemon.sampling import sample_loop, save_estimator
 from hv.daemon.sharing import SharingService
-from hv.errors import AdmissionError, ConfigError, HostError, HvError, UsageError
+from hv.errors import (
+    AdmissionError,
+    ConfigError,
+    HostError,
+    HvError,
+    UsageError,
+    VMGone,
+    VMNotFound,
+)
 from hv.eventlog import EventLog
 from hv.guardian import GuardFile
 from hv.host import proc, swap
@@ -99,6 +107,14 @@ STOP_TIMEOUT_S = 1.5
 # Closing a healthy connection takes milliseconds: even when a hung QEMU's resume used
 # the whole stop timeout, the other connections get this long to close.
 CLOSE_MIN_S = 0.2
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (after symlinks, ``..`` and hard links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def parse_state(text: str) -> MemState:
@@ -170,7 +186,10 @@ class Daemon:
         self.ctx = Context(log, self.guard, self.notify)
         try:
             for cfg in config.vms:
-                self.vms.append(await self._attach(config, cfg))
+                try:
+                    self.vms.append(await self._attach(config, cfg, self.vms))
+                except (VMGone, VMNotFound) as exc:
+                    self._wait_for(cfg, exc)
             self._admit(config, self._entries(self.vms))
         except BaseException:
             await self._detach(self.vms)
@@ -219,21 +238,30 @@ class Daemon:
             for line in undo(self.guard.path):
                 self.notify(f"previous run: {line}")
 
+    def _wait_for(self, cfg: VMConfig, why: HvError) -> None:
+        """A configured VM that is not running: managed once its QEMU is there."""
+        self.waiting[cfg.name] = cfg
+        self.log.write("vm_waiting", vm=cfg.name, reason=str(why))
+        self.notify(f"{cfg.name}: not running ({why}); managed once it starts")
+
     @staticmethod
-    def _socket_of(config: Config, cfg: VMConfig) -> str:
+    def _socket_of(cfg: VMConfig) -> str:
+        """The VM's QMP socket: configured, or the one of hv's guest of that name."""
         if cfg.socket is not None:
             return cfg.socket
-        try:
-            return launch.socket_of(cfg.name)[1]
-        except HvError as exc:
-            raise ConfigError(f"{config.source}: vm.{cfg.name}: no socket given and "
-                              f"no VM of that name in hv's run directory") from exc
+        return str(launch.vm_dir(cfg.name) / "qmp.sock")
 
-    async def _attach(self, config: Config, cfg: VMConfig) -> ManagedVM:
+    async def _attach(self, config: Config, cfg: VMConfig, others: list[ManagedVM]) -> ManagedVM:
+        """Connect to a configured VM; VMGone or VMNotFound when its QEMU is not running.
+
+        A VM already among ``others`` (same socket, or the same QEMU behind another
+        socket) is refused: one QEMU is managed once.
+        """
         where = f"{config.source}: vm.{cfg.name}.socket"
-        sock = self._socket_of(config, cfg)
-        if not os.path.exists(sock):
-            raise ConfigError(f"{where}: {sock} does not exist")
+        sock = self._socket_of(cfg)
+        for m in others:
+            if _same_file(sock, m.vm.socket_path):
+                raise ConfigError(f"{where}: {sock} is the socket of vm.{m.name} already")
         vm = VM(cfg.name, sock)
         try:
             await asyncio.wait_for(vm.attach(), ATTACH_TIMEOUT_S)
@@ -241,9 +269,15 @@ class Daemon:
             await vm.detach()
             raise ConfigError(f"{where}: {sock} does not answer (no QMP greeting in "
                               f"{ATTACH_TIMEOUT_S:.0f} s)") from None
+        except (VMGone, VMNotFound):
+            raise
         except HvError as exc:
             raise ConfigError(f"{where}: {sock} does not answer: {exc}") from exc
         try:
+            twin = next((m for m in others if m.pid == vm.info.pid), None)
+            if twin is not None:
+                raise ConfigError(f"{where}: {sock} leads to the QEMU of vm.{twin.name} "
+                                  f"(pid {twin.pid}) already")
             if vm.info.balloon_path is None:
                 raise ConfigError(f"{where}: the VM has no virtio-balloon device")
             max_bytes = self._max_of(config, cfg, vm)
@@ -561,7 +595,7 @@ class Daemon:
     async def _try_reattach(self, cfg: VMConfig) -> None:
         config = self._host_config()
         try:
-            m = await self._attach(config, cfg)
+            m = await self._attach(config, cfg, self.vms)
         except HvError as exc:
             self._reattach_problem_once(cfg.name, str(exc), quiet=True)
             await asyncio.sleep(REATTACH_INTERVAL_S)
@@ -602,10 +636,14 @@ class Daemon:
             wanted = {c.name: c for c in new.vms}
             replaced = {n for n, c in wanted.items()
                         if n in known and self._socket_key(c) != self._socket_key(known[n])}
+            keep = [m for n, m in current.items() if n in wanted and n not in replaced]
+            absent: list[tuple[VMConfig, HvError]] = []
             for name, cfg in wanted.items():
                 if name not in known or name in replaced:
-                    added.append(await self._attach(new, cfg))
-            keep = [m for n, m in current.items() if n in wanted and n not in replaced]
+                    try:
+                        added.append(await self._attach(new, cfg, keep + added))
+                    except (VMGone, VMNotFound) as exc:
+                        absent.append((cfg, exc))
             limits = {m.name: self._max_of(new, wanted[m.name], m.vm) for m in keep}
             self._admit(new, [(wanted[m.name], m.vm, limits[m.name]) for m in keep]
                         + self._entries(added))
@@ -628,6 +666,8 @@ class Daemon:
         for m in added:
             self.vms.append(m)
             self._start_sampler(m)
+        for cfg, exc in absent:
+            self._wait_for(cfg, exc)
         old_host, self.config = self.config.host, new
         if (new.host.managed_bytes, new.host.thresholds, new.host.hysteresis_pct) != (
                 old_host.managed_bytes, old_host.thresholds, old_host.hysteresis_pct):
