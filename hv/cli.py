@@ -60,7 +60,7 @@ def _parse_target(text: str) -> int:
 # -- status ----------------------------------------------------------------------
 def _daemon_row(name: str, sock: str) -> dict[str, Any] | None:
     """The row `hv run` wrote for this VM at its last tick, if it manages it."""
-    from hv.daemon import running_status
+    from hv.published import running_status
     snapshot = running_status()
     if snapshot is None:
         return None
@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.func
         return asyncio.run(handler(args))
     except QMPBusy as exc:
-        from hv.daemon import running_status
+        from hv.published import running_status
         snapshot = running_status()
         hint = (f"; `hv run` (pid {snapshot['pid']}) manages its VMs: stop it first"
                 if snapshot else "")

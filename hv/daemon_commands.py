@@ -41,14 +41,15 @@ async def cmd_run(args: argparse.Namespace) -> int:
         force_state_file=Path(args.force_state_file) if args.force_state_file else None,
         guardian=not args.no_guardian,
     )
-    daemon = Daemon(options, notify=_notice)
     server = None
     if args.metrics is not None:
         from hv.ops import OpsServer, parse_listen
         server = OpsServer(*parse_listen(args.metrics))
         server.start()  # before anything changes: a port in use refuses the run
-        daemon.on_publish.append(server.update)
         _notice(f"metrics at {server.url}metrics, dashboard at {server.url}")
+    daemon = Daemon(options, notify=_notice)
+    if server is not None:
+        daemon.on_publish.append(server.update)
     try:
         await daemon.run()
     finally:

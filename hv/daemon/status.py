@@ -1,63 +1,27 @@
-"""The daemon's published status: what the last tick saw, for `hv status` and other readers.
+"""The daemon's published status: what the last tick saw, written every tick.
 
 The snapshot (one JSON object, :func:`publish`): ``pid``, ``started``, ``time``,
 ``version``, ``state``, ``free_bytes``, ``pool_bytes``, ``tick`` (ticks so far),
 ``tick_seconds`` (the last tick) and ``tick_seconds_total``, ``admission_refusals``,
 ``ksm`` (:meth:`~hv.daemon.sharing.SharingService.observe`, or None when sharing is
 off) and ``vms``, one :func:`vm_row` per managed VM.  Readers (``hv status``,
-``hv share --cached``, ``hv top``, the metrics and dashboard server of :mod:`hv.ops`)
-take it as it is; only this module writes it.
-
-``hv run`` holds every VM's QMP socket (QEMU serves one client at a time), so other
-commands read this snapshot instead of asking QEMU.  It names the daemon by pid *and*
-the process's start time, so a reused pid is never taken for a running daemon.
+``hv share --cached``, ``hv top``, the server of ``hv run --metrics``)
+take it as it is, through :mod:`hv.published` (where it is, and whether its writer
+is alive); only this module writes it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from hv import __version__, paths
 from hv.daemon.managed import ManagedVM
-from hv.host import proc
 from hv.policy.reclaim import policy_active_fraction
+from hv.published import running_status, started, status_file
 
 __all__ = ["status_file", "running_status", "vm_row", "publish"]
-
-
-def status_file() -> Path:
-    """The daemon's last tick, as JSON (see :func:`publish`)."""
-    return paths.state_dir() / "daemon" / "status.json"
-
-
-def _started(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(")") + 2:].split()
-    return int(fields[19])
-
-
-def running_status() -> dict[str, Any] | None:
-    """The snapshot of a running ``hv run``, or None if no daemon is running."""
-    try:
-        snapshot: dict[str, Any] = json.loads(status_file().read_text())
-        pid = int(snapshot["pid"])
-        alive = proc.alive(pid) and isinstance(snapshot["vms"], dict)
-        started = snapshot.get("started")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # none written yet, torn, or not ours
-    if alive and started is not None and started != _started(pid):
-        return None  # the pid was reused by another process
-    return snapshot if alive else None
 
 
 def vm_row(m: ManagedVM, sharing: dict[str, Any] | None) -> dict[str, Any]:
@@ -90,7 +54,7 @@ def publish(**snapshot: Any) -> dict[str, Any]:
     """Write the snapshot atomically (the keys of the module docstring, but for ``pid``,
     ``started``, ``time`` and ``version``, which this adds); returns what it wrote."""
     pid = os.getpid()
-    out = {"pid": pid, "started": _started(pid), "time": time.time(), "version": __version__,
+    out = {"pid": pid, "started": started(pid), "time": time.time(), "version": __version__,
            **snapshot}
     paths.write_json_atomic(status_file(), out)
     return out

@@ -12,27 +12,22 @@ from typing import Any
 
 from hv.errors import HvError
 from hv.ops import top
+from hv.published import running_status, status_file
 
 __all__ = ["register", "cmd_top"]
-
-
-def _snapshot() -> dict[str, Any] | None:
-    from hv.daemon.status import running_status
-    return running_status()
 
 
 async def cmd_top(args: argparse.Namespace) -> int:
     sort = top.Sort(args.sort, args.reverse)
     if args.once or args.json:
-        snap = _snapshot()
+        snap = running_status()
         if snap is None:
-            from hv.daemon.status import status_file
             raise HvError(f"no hv run is running (no live status in {status_file()})")
         print(json.dumps(snap, indent=1) if args.json else top.frame(snap, sort))
         return 0
     if not sys.stdout.isatty():
         raise HvError("hv top needs a terminal; use --once or --json otherwise")
-    top.run(_snapshot, sort)
+    top.run(running_status, sort)
     return 0
 
 

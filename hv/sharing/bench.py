@@ -404,7 +404,7 @@ async def boot(names: list[str], cfg: BenchConfig) -> list[Target]:
 
 
 async def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
-    from hv.daemon import running_status  # KSM has one owner at a time
+    from hv.published import running_status  # KSM has one owner at a time
     if (snapshot := running_status()) is not None:
         raise HostError(f"`hv run` (pid {snapshot['pid']}) governs KSM on this host: "
                         "stop it before benchmarking KSM policies")

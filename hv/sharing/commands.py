@@ -72,7 +72,7 @@ def _share_cached(targets: list[Target]) -> SharingIndex:
 def _daemon_targets(names: Sequence[str]) -> list[Target] | None:
     """The targets as the running ``hv run`` published them (None if it does not manage
     them all): its VMs' pids and RAM, for reading page state while it holds QMP."""
-    from hv.daemon.status import running_status
+    from hv.published import running_status
     snapshot = running_status()
     if snapshot is None:
         return None

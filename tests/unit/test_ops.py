@@ -163,3 +163,13 @@ def test_server_routes_and_a_busy_port() -> None:
             busy.start()
     finally:
         server.stop()
+
+
+def test_run_with_a_bad_metrics_address_is_one_line(tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from hv.cli import main
+    monkeypatch.setenv("HV_STATE_DIR", str(tmp_path / "state"))
+    config = tmp_path / "hv.toml"
+    assert main(["run", "--config", str(config), "--metrics", "host:port"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--metrics 'host:port'" in err[0]
+    assert not (tmp_path / "state").exists()  # refused before the daemon made anything
