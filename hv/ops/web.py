@@ -5,7 +5,7 @@ One server, in a thread of the daemon's process, fed the snapshot every tick
 
 - ``/metrics``      Prometheus text format (:class:`~hv.ops.metrics.SnapshotCollector`)
 - ``/``             the dashboard (HTML, JS and CSS shipped in ``hv/ops/static``; no CDN)
-- ``/api/status``   the last snapshot, as JSON
+- ``/api/status``   the last snapshot, as JSON (without host addresses of guest RAM)
 - ``/api/history``  the last hour, thinned (:class:`~hv.ops.history.History`)
 
 Only GET; everything else is 404 or 405.  The default address is the loopback: the
@@ -68,6 +68,16 @@ def parse_listen(text: str) -> tuple[str, int]:
     return addr, int(port_text)
 
 
+def _public(snapshot: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The snapshot without where guest RAM lives in QEMU (host addresses are for local
+    readers of the status file, not for the network)."""
+    if snapshot is None:
+        return None
+    vms = {name: {k: v for k, v in row.items() if k != "ram"}
+           for name, row in snapshot["vms"].items()}
+    return {**snapshot, "vms": vms}
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
 
@@ -77,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._send(HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(ops.registry))
         elif path == "/api/status":
-            self._json({"snapshot": ops.snapshot})
+            self._json({"snapshot": _public(ops.snapshot), "page_size": PAGE_SIZE})
         elif path == "/api/history":
             self._json(ops.history.as_dict())
         elif path in ("/", "/index.html") or path.removeprefix("/static/") in STATIC:

@@ -6,6 +6,7 @@ The same parts against a real ``hv run`` and real guests: tests/functional/test_
 from __future__ import annotations
 
 import copy
+import json
 import socket
 import urllib.error
 import urllib.request
@@ -151,8 +152,9 @@ def test_server_routes_and_a_busy_port() -> None:
 
         assert b'src="/static/dashboard.js"' in get("/")[2]
         assert get("/static/dashboard.js")[1].startswith("text/javascript")
-        assert get("/api/status")[2] == b'{"snapshot": null}'
-        server.update(SNAPSHOT)
+        assert json.loads(get("/api/status")[2]) == {"snapshot": None, "page_size": PAGE_SIZE}
+        server.update({**SNAPSHOT, "vms": {"a": {**SNAPSHOT["vms"]["a"], "ram": [{"hva": 1}]}}})
+        assert "ram" not in json.loads(get("/api/status")[2])["snapshot"]["vms"]["a"]
         assert b'"vms"' in get("/api/history")[2]
         assert b"hv_vm_target_bytes" in get("/metrics")[2]
         with pytest.raises(urllib.error.HTTPError) as err:

@@ -109,7 +109,8 @@ function renderHost(history, status) {
     const s = row.sharing || {};
     const tr = table.insertRow();
     tr.dataset.vm = name;
-    for (const text of [name, size(s.potential_pages * 4096), size(s.realized_pages * 4096),
+    const page = status.page_size;
+    for (const text of [name, size(s.potential_pages * page), size(s.realized_pages * page),
                         s.merging_pages === undefined ? "-" : `${s.merging_pages} pages`]) {
       tr.insertCell().textContent = text;
     }
