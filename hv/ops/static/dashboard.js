@@ -4,9 +4,9 @@
 const SVGNS = "http://www.w3.org/2000/svg";
 const REFRESH_MS = 5000;
 const STATE_COLORS = { high: "#2e7d32", soft: "#f9a825", hard: "#ef6c00", low: "#c62828" };
-const VM_SERIES = [  // index into a point's per-VM array (vm_fields), name, colour
-  ["target", "#1565c0"], ["balloon", "#6a1b9a"], ["resident", "#2e7d32"],
-  ["swapped", "#c62828"], ["active", "#ef6c00"]];
+const VM_SERIES = [  // a field of a point's per-VM array (vm_fields), colour, width, dashes
+  ["target", "#1565c0", 1.6], ["balloon", "#6a1b9a", 1.6], ["resident", "#2e7d32", 3],
+  ["swapped", "#c62828", 1.6], ["active", "#ef6c00", 1.6, "5 3"]];
 
 function size(bytes) {
   if (bytes === null || bytes === undefined) return "-";
@@ -24,8 +24,8 @@ function el(name, attrs, parent) {
   return e;
 }
 
-function clock(t) {
-  return new Date(t * 1000).toTimeString().slice(0, 5);
+function clock(t, span) {  // HH:MM, with seconds when the chart spans under 10 minutes
+  return new Date(t * 1000).toTimeString().slice(0, span < 600 ? 8 : 5);
 }
 
 // series: [{name, color, values: [[t, v], ...]}]; band: [[t, state], ...] drawn below.
@@ -47,19 +47,23 @@ function lineChart(box, series, band, opts) {
   }
   for (let i = 0; i <= 4; i++) {  // time labels
     const t = t0 + (t1 - t0) * i / 4;
-    el("text", { x: x(t), y: H - 4, "text-anchor": "middle" }, svg).textContent = clock(t);
+    const anchor = i === 0 ? "start" : i === 4 ? "end" : "middle";
+    el("text", { x: x(t), y: H - 4, "text-anchor": anchor }, svg).textContent = clock(t, t1 - t0);
   }
-  if (band && band.length) {
-    band.forEach(([t, state], i) => {
-      const tn = i + 1 < band.length ? band[i + 1][0] : t1;
+  if (band && band.length) {  // one rectangle per run of the same state
+    const runs = band.filter((p, i) => i === 0 || p[1] !== band[i - 1][1]);
+    runs.forEach(([t, state], i) => {
+      const tn = i + 1 < runs.length ? runs[i + 1][0] : t1;
       el("rect", { x: x(t), y: H - B + 4, width: Math.max(1, x(tn) - x(t)), height: 10,
-                   fill: STATE_COLORS[state] || "#999", "data-state": state }, svg);
+                   fill: STATE_COLORS[state] || "#999", "data-state": state,
+                   "shape-rendering": "crispEdges" }, svg);
     });
   }
   for (const s of series) {
     const d = s.values.map((p, i) => `${i ? "L" : "M"}${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`);
-    el("path", { d: d.join(""), fill: "none", stroke: s.color, "stroke-width": 1.6,
-                 "data-series": s.name, "data-points": s.values.length }, svg);
+    el("path", { d: d.join(""), fill: "none", stroke: s.color, "stroke-width": s.width || 1.6,
+                 "stroke-dasharray": s.dash || "none", "data-series": s.name,
+                 "data-points": s.values.length }, svg);
   }
   const legend = document.createElement("div");
   legend.className = "legend";
@@ -131,9 +135,10 @@ function renderVMs(history) {
     const chart = document.createElement("div");
     card.append(h, chart);
     box.appendChild(card);
-    const series = VM_SERIES.map(([field, color]) => {
+    const series = VM_SERIES.map(([field, color, width, dash]) => {
       const i = fields.indexOf(field);
-      return { name: field, color, values: values(history.points, p => p.vms[name] ? p.vms[name][i] : null) };
+      return { name: field, color, width, dash,
+               values: values(history.points, p => p.vms[name] ? p.vms[name][i] : null) };
     });
     lineChart(chart, series, null, { width: 460, height: 170, data: { vm: name } });
   }
