@@ -175,17 +175,25 @@ def _params(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+# Guests one `hv launch` starts, at most: each is a QEMU process on this host, and a
+# count beyond this is a typo, not a test fleet.
+MAX_LAUNCH = 256
+
+
 async def cmd_launch(args: argparse.Namespace) -> int:
-    if args.count < 1:
-        raise UsageError("--count must be at least 1")
-    mem = _parse_target(args.mem)
-    verdict = accel_mod.choose()
-    if verdict.accel != "kvm":
-        print(f"hv: notice: {verdict.reason}", file=sys.stderr)
+    if not 1 <= args.count <= MAX_LAUNCH:
+        raise UsageError(f"--count must be between 1 and {MAX_LAUNCH}")
+    # Every argument is checked before the accelerator probe prints anything.
+    mem = launcher.check_memory(_parse_target(args.mem))
+    for i in range(1, args.count + 1):
+        launcher.check_name(f"{args.prefix}{i}")
     params = _params(args.param)
     initrd = disk = None
     if args.image == "debian":
         initrd, disk = (str(p) for p in paths.debian_image())
+    verdict = accel_mod.choose()
+    if verdict.accel != "kvm":
+        print(f"hv: notice: {verdict.reason}", file=sys.stderr)
     rows: list[list[object]] = []
     for i in range(1, args.count + 1):
         spec = launcher.GuestSpec(

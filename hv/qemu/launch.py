@@ -58,6 +58,14 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_memory(mem_bytes: int) -> int:
+    """A guest's memory size as QEMU takes it: whole MiB, and room for the balloon floor."""
+    if mem_bytes < MIN_GUEST_BYTES or mem_bytes % MiB:
+        raise UsageError(f"guest memory {format_size(mem_bytes)} must be a whole number of MiB, "
+                         f"at least {format_size(MIN_GUEST_BYTES)}")
+    return mem_bytes
+
+
 def vm_dir(name: str) -> Path:
     return paths.run_dir() / check_name(name)
 
@@ -122,9 +130,7 @@ async def launch(spec: GuestSpec) -> VM:
     check_name(spec.name)
     if spec.workload not in WORKLOADS:
         raise UsageError(f"unknown workload {spec.workload!r}: choose from {', '.join(WORKLOADS)}")
-    if spec.mem_bytes < MIN_GUEST_BYTES or spec.mem_bytes % MiB:
-        raise UsageError(f"{spec.name}: guest memory {format_size(spec.mem_bytes)} must be a whole "
-                         f"number of MiB, at least {format_size(MIN_GUEST_BYTES)}")
+    check_memory(spec.mem_bytes)
     initrd = Path(spec.initrd) if spec.initrd else paths.guest_initrd()
     for image in (initrd, *([Path(spec.disk)] if spec.disk else [])):
         if not image.exists():
@@ -277,5 +283,5 @@ def describe(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
-__all__ = ["GuestSpec", "launch", "stop", "attach_external", "known_vms", "socket_of",
+__all__ = ["GuestSpec", "launch", "check_memory", "stop", "attach_external", "known_vms", "socket_of",
            "console_log", "command_line", "check_name", "VMError", "VMGone"]

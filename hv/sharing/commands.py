@@ -6,6 +6,7 @@ Handlers print and return the exit code; everything else raises HvError.
 from __future__ import annotations
 
 import argparse
+import math
 import asyncio
 import json
 import os
@@ -102,8 +103,8 @@ async def _targets(names: Sequence[str], cached: bool) -> list[Target]:
 
 
 async def cmd_share(args: argparse.Namespace) -> int:
-    if args.interval < 0:
-        raise UsageError("--interval must not be negative")
+    if not (math.isfinite(args.interval) and args.interval >= 0):
+        raise UsageError("--interval must be a finite number of seconds, 0 or more")
     targets = await _targets(args.vm, args.cached)
     if not targets:
         print("no VMs known to hv (launch some, or name QMP sockets)")

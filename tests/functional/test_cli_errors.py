@@ -35,6 +35,11 @@ def test_bad_sizes(run_dir: Path, size: str) -> None:
     (("balloon", "whatever", "170M", "--wait", "nan"), "--wait"),
     (("sample", "whatever", "--period", "nan"), "--period"),
     (("swap", "create", "99999999999999G"), "too large"),
+    (("launch", "-n", "1", "-p", "bad/name"), "bad VM name"),
+    (("launch", "-n", "1", "-m", "100.5M"), "whole number of MiB"),
+    (("launch", "-n", "1", "--param", "nokey"), "KEY=VALUE"),
+    (("launch", "-n", "99999999999999999999"), "--count"),
+    (("share", "whatever", "--interval", "nan"), "--interval"),
 ])
 def test_bad_numbers_change_nothing(run_dir: Path, args: tuple[str, ...], words: str) -> None:
     """Checked before anything is looked up or changed: no VM named "whatever" exists,
