@@ -180,7 +180,8 @@ def _rows(screen: str) -> list[list[str]]:
 def test_top_in_tmux_rows_and_sort(live: Live, tmp_path: Path) -> None:
     tmux = shutil.which("tmux")
     assert tmux, "tmux is not installed (scripts/setup.sh installs it)"
-    server = ["tmux", "-L", f"hv-test-{os.getpid()}"]
+    name = f"hv-test-{os.getpid()}"
+    server = ["tmux", "-L", name]
 
     def run(*args: str) -> str:
         return subprocess.run([*server, *args], capture_output=True, text=True, check=True,
@@ -222,6 +223,9 @@ def test_top_in_tmux_rows_and_sort(live: Live, tmp_path: Path) -> None:
                  10, "hv top to quit on q")
     finally:
         subprocess.run([*server, "kill-server"], capture_output=True)
+        # The server's socket outlives it: remove it too.
+        tmpdir = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}"
+        (tmpdir / name).unlink(missing_ok=True)
 
 
 def _chromium(*args: str, user_dir: Path) -> subprocess.CompletedProcess[str]:
