@@ -27,7 +27,8 @@ from hv.units import format_size, parse_size, table
 
 # Modules that add their own subcommands: each has ``register(subparsers) -> None`` and
 # sets ``func`` (an async handler taking the parsed arguments and returning the exit code).
-COMMAND_MODULES: tuple[str, ...] = ("hv.sharing.commands", "hv.daemon_commands", "hv.bench.commands")
+COMMAND_MODULES: tuple[str, ...] = ("hv.sharing.commands", "hv.daemon_commands",
+                                     "hv.bench.commands", "hv.ops.commands")
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -59,7 +60,7 @@ def _parse_target(text: str) -> int:
 # -- status ----------------------------------------------------------------------
 def _daemon_row(name: str, sock: str) -> dict[str, Any] | None:
     """The row `hv run` wrote for this VM at its last tick, if it manages it."""
-    from hv.daemon import running_status
+    from hv.published import running_status
     snapshot = running_status()
     if snapshot is None:
         return None
@@ -327,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.func
         return asyncio.run(handler(args))
     except QMPBusy as exc:
-        from hv.daemon import running_status
+        from hv.published import running_status
         snapshot = running_status()
         hint = (f"; `hv run` (pid {snapshot['pid']}) manages its VMs: stop it first"
                 if snapshot else "")

@@ -2,6 +2,7 @@
 
     hv run --config FILE [--log FILE] [--log-max-size SIZE] [--log-keep N] [--once]
            [--force-state STATE] [--force-state-file FILE] [--allow-other-tuners]
+           [--metrics [ADDR:PORT]]
     hv swap create SIZE [--path P] | hv swap remove [--path P] | hv swap status
     hv sample VM [--period S] [--pages N] [--periods K]
 """
@@ -46,8 +47,20 @@ async def cmd_run(args: argparse.Namespace) -> int:
         log_keep=args.log_keep,
         allow_tuners=args.allow_other_tuners,
     )
+    server = None
+    if args.metrics is not None:
+        from hv.ops import OpsServer, parse_listen
+        server = OpsServer(*parse_listen(args.metrics))
+        server.start()  # before anything changes: a port in use refuses the run
+        _notice(f"metrics at {server.url}metrics, dashboard at {server.url}")
     daemon = Daemon(options, notify=_notice)
-    await daemon.run()
+    if server is not None:
+        daemon.on_publish.append(server.update)
+    try:
+        await daemon.run()
+    finally:
+        if server is not None:
+            server.stop()
     return 0
 
 
@@ -133,6 +146,9 @@ def register(sub: Any) -> None:
                    help="read a forced state from FILE every tick (empty or absent: none)")
     s.add_argument("--no-guardian", action="store_true",
                    help="do not spawn the process that resumes VMs if hv is killed")
+    s.add_argument("--metrics", nargs="?", const="", metavar="ADDR:PORT",
+                   help="serve Prometheus /metrics and the dashboard / over HTTP "
+                   "(default 127.0.0.1:7479)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("swap", help="host swap for hypervisor swapping and the sampler")

@@ -31,6 +31,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 packages=(qemu-system-x86 qemu-utils busybox-static libxxhash-dev xxhash cpio kmod gcc make
           libc6-dev python3 python3-venv python3-dev zstd xz-utils util-linux procps)
 [ "$with_debian" = 1 ] && packages+=(debootstrap e2fsprogs)
+packages+=(chromium fonts-dejavu-core tmux)  # the dashboard and `hv top` tests
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

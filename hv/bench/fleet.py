@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from hv.daemon.status import running_status
+from hv.published import running_status
 from hv.errors import HostError, HvError
 from hv.qemu import accel as accel_mod
 from hv.qemu import launch as launcher

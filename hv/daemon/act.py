@@ -122,6 +122,7 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) ->
                              or abs(m.balloon_asked - goal) > BALLOON_TOLERANCE_BYTES):
         await m.vm.set_balloon(goal, force=True)
         m.balloon_asked = goal
+        m.actions["balloon"] += 1
         ctx.log.write("balloon", vm=m.name, goal_bytes=goal, target_bytes=target,
                       actual_bytes=r.balloon_bytes, resident_bytes=r.resident_bytes,
                       need_bytes=m.need_bytes, state=str(state))
@@ -131,6 +132,8 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) ->
         n = swap_pages_for(r.resident_bytes, target)
         if n:
             asked, out = await asyncio.to_thread(page_out, m, n)
+            m.actions["swap"] += 1
+            m.paged_out_pages += asked
             ctx.log.write("swap", vm=m.name, pages=asked, invalidated=out,
                           resident_bytes=r.resident_bytes, target_bytes=target,
                           why="balloon cannot reach target" if stuck and not actions.swap
@@ -148,6 +151,7 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) ->
             forget_pause(ctx, m)
             raise
         m.paused_by_hv = True
+        m.actions["pause"] += 1
         ctx.log.write("pause", vm=m.name, resident_bytes=r.resident_bytes,
                       target_bytes=target, state=str(state))
     elif not pause and m.paused_by_hv:

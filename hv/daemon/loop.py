@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from hv import paths
 from hv.daemon import status
@@ -175,6 +175,11 @@ class Daemon:
         self._kept_pause: dict[str, int] = {}  # VM -> pid hv paused, connection lost
         self._opt_choices: dict[str, bool] = {}  # the admin's hv share --opt-out/--opt-in
         self._opt_mtime: float | None = None
+        # -- for the published status (issue 9) --
+        self.on_publish: list[Callable[[dict[str, Any]], None]] = []
+        self.admission_refusals = 0  # VMs refused at re-attach or reload
+        self._tick_started = time.monotonic()
+        self._tick_s = self._tick_s_total = 0.0
 
     @property
     def log(self) -> EventLog:
@@ -541,7 +546,7 @@ class Daemon:
         """One cycle: free memory and the state; collect the VMs that are due; decide; act."""
         assert self.config is not None and self.tracker is not None and self.ctx is not None
         host = self.config.host
-        started = time.monotonic()
+        started = self._tick_started = time.monotonic()
         half = host.poll_interval_s / 2
 
         # 1. free memory (every poll) and the state, so a worse state makes every VM due
@@ -626,30 +631,28 @@ class Daemon:
         self._publish(state, free, pool)
 
     def _publish(self, state: MemState, free: int, pool: int) -> None:
-        """The published status: every tick, so readers see a live daemon (VMs or none)."""
-        vms = {}
-        for m in self.vms:
-            r = m.reading
-            vms[m.name] = {
-                "socket": m.vm.socket_path, "pid": m.pid, "max_bytes": m.max_bytes,
-                "min_bytes": m.cfg.min_bytes, "shares": m.cfg.shares,
-                "target_bytes": m.target_bytes, "paused_by_hv": m.paused_by_hv,
-                "active_fraction": m.estimator.active_fraction,
-                "balloon_bytes": r.balloon_bytes if r else None,
-                "host_resident_bytes": r.resident_bytes if r else None,
-                "host_swap_bytes": r.swap_bytes if r else None,
-                "run_state": r.run_state if r else None,
-                "guest": r.guest.as_dict() if r else None,
-                "ksm": None if m.merge is None else "on" if m.merge else optout.OPTED_OUT,
-                "failing": m.failing}
+        """The published status: every tick, so readers see a live daemon (VMs or none);
+        then every ``on_publish`` hook gets the snapshot (the metrics server's)."""
+        # -- published status and its readers (issue 9: metrics, dashboard, hv top) --
+        self._tick_s = time.monotonic() - self._tick_started
+        self._tick_s_total += self._tick_s
+        ksm = self.sharing.observe() if self.sharing is not None else None
+        shared = ksm["vms"] if ksm else {}
         try:
-            status.publish(str(state), free, pool, vms)
+            snapshot = status.publish(
+                state=str(state), free_bytes=free, pool_bytes=pool, tick=self.ticks + 1,
+                tick_seconds=self._tick_s, tick_seconds_total=self._tick_s_total,
+                admission_refusals=self.admission_refusals, ksm=ksm,
+                vms={m.name: status.vm_row(m, shared.get(m.name)) for m in self.vms})
             self._status_problem = None
         except HostError as exc:  # a full disk: said once, the last good status stays
             if self._status_problem is None:
                 self.log.write("status_write_failed", error=str(exc))
                 self.notify(f"warning: {exc}; `hv status` shows an older tick meanwhile")
             self._status_problem = str(exc)
+            return
+        for hook in self.on_publish:
+            hook(snapshot)
 
     # -- VMs that go and come back -------------------------------------------------
     async def _drop(self, m: ManagedVM, why: str) -> None:
@@ -695,6 +698,7 @@ class Daemon:
         try:
             self._admit(config, self._entries([*self.vms, m]))
         except AdmissionError as exc:
+            self.admission_refusals += 1
             await self._detach([m])
             self._reattach_problem_once(cfg.name, str(exc))
             await asyncio.sleep(REATTACH_INTERVAL_S)
@@ -743,6 +747,7 @@ class Daemon:
             self._admit(new, [(wanted[m.name], m.vm, limits[m.name]) for m in keep]
                         + self._entries(added))
         except HvError as exc:
+            self.admission_refusals += isinstance(exc, AdmissionError)
             await self._detach(added)
             self.log.write("reload_refused", error=str(exc))
             self.notify(f"reload refused, the running configuration stays: {exc}")

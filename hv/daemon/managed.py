@@ -17,7 +17,10 @@ from hv.policy.reclaim import BalloonProgress
 from hv.policy.vmtime import VMClock
 from hv.qemu.vm import VM, GuestStats
 
-__all__ = ["Context", "Reading", "ManagedVM"]
+__all__ = ["ACTIONS", "Context", "Reading", "ManagedVM"]
+
+# The kinds of action hv takes on a VM, counted per VM.
+ACTIONS = ("balloon", "swap", "pause")
 
 
 @dataclass
@@ -76,6 +79,10 @@ class ManagedVM:
     merge_off_by_hv: bool = False  # hv took it out of sharing in this run
     merge_problem: str | None = None  # why setting merge fails (logged once)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    # What hv did to the VM since it was attached: actions by kind ("balloon", "swap",
+    # "pause") and pages paged out; counters for the metrics.
+    actions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ACTIONS, 0))
+    paged_out_pages: int = 0
 
     @property
     def name(self) -> str:

@@ -21,6 +21,7 @@ import fcntl
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from hv.daemon.managed import Context
 from hv.errors import HostError, HvError
@@ -89,6 +90,41 @@ class SharingService:
         self._task: asyncio.Task[None] | None = None
         self._scan: asyncio.Future[SharingIndex] | None = None
         self._claim: int | None = None  # the fd of claim_ksm(), while hv governs KSM
+        self._ksmd_last: tuple[float, float] | None = None  # (monotonic s, ksmd CPU s)
+
+    def observe(self) -> dict[str, Any] | None:
+        """KSM and the service as the published status shows them (None: sharing off).
+
+        ksmd's CPU share is measured between two calls (one per tick).
+        """
+        if self.ksm is None or self.governor is None:
+            return None
+        try:
+            stats = self.ksm.stats()
+        except HvError:
+            return None
+        now = time.monotonic()
+        last, self._ksmd_last = self._ksmd_last, (now, stats.ksmd_cpu_s)
+        share = None
+        if last is not None and now > last[0]:
+            share = max(0.0, stats.ksmd_cpu_s - last[1]) / (now - last[0])
+        applied = self.governor.applied
+        index = self.index
+        return {
+            "mode": self.governor.mode.value, "pressure": self.pressure,
+            "pages_to_scan": applied.pages_to_scan if applied else None,
+            "sleep_millisecs": applied.sleep_millisecs if applied else None,
+            "counters": dict(stats.counters), "ksmd_cpu_seconds": stats.ksmd_cpu_s,
+            "ksmd_cpu_fraction": share,
+            "scan_cpu_seconds": self.scanner.scan_cpu_s if self.scanner else 0.0,
+            "potential_pages": index.potential_savings_pages if index else None,
+            "realized_pages": index.realized_savings_pages if index else None,
+            "backlog_pages": index.backlog_pages if index else None,
+            "vms": {v.vm: {"potential_pages": v.potential_savings_pages,
+                           "realized_pages": v.realized_savings_pages,
+                           "merging_pages": v.ksm_merging_pages if v.ksm_merging_pages
+                           is not None else v.ksm_pages}
+                    for v in (index.vms if index else ())}}
 
     async def start(self) -> None:
         """Turn KSM on under the governor (its settings saved first, undone on stop)."""

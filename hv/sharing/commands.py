@@ -9,12 +9,14 @@ import argparse
 import math
 import asyncio
 import json
+import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from hv.errors import HvError, QMPBusy, UsageError
 from hv.qemu import launch as launcher
-from hv.qemu.vm import VM
+from hv.qemu.vm import VM, RamRange
 from hv.sharing import optout
 from hv.sharing import state as st
 from hv.sharing.index import SharingIndex, VmPages, build_index, read_ksm_stat
@@ -83,6 +85,40 @@ def _share_cached(targets: list[Target]) -> SharingIndex:
     return build_index(vms)
 
 
+def _daemon_targets(names: Sequence[str]) -> list[Target] | None:
+    """The targets as the running ``hv run`` published them (None if it does not manage
+    them all): its VMs' pids and RAM, for reading page state while it holds QMP."""
+    from hv.published import running_status
+    snapshot = running_status()
+    if snapshot is None:
+        return None
+    pairs = [launcher.socket_of(n) for n in names] if names else launcher.known_vms()
+    by_socket = {os.path.realpath(row["socket"]): (vm, row) for vm, row in snapshot["vms"].items()}
+    out = []
+    for _, sock in pairs:
+        found = by_socket.get(os.path.realpath(sock))
+        if found is None or not found[1].get("ram"):
+            return None
+        vm, row = found  # the daemon's name: its scanner's state files go by it
+        merge = False if row.get("ksm") == optout.OPTED_OUT else None
+        out.append(Target(vm, row["socket"], row["pid"], tuple(RamRange(**r) for r in row["ram"]),
+                          merge=merge))
+    return out
+
+
+async def _targets(names: Sequence[str], cached: bool) -> list[Target]:
+    """The VMs to report on, asked over QMP; for a report from the page-state files only
+    (``cached``), from the running ``hv run``'s snapshot when it holds their QMP."""
+    try:
+        async with open_targets(names) as targets:
+            return targets
+    except QMPBusy:
+        daemon_targets = _daemon_targets(names) if cached else None
+        if daemon_targets is None:
+            raise
+        return daemon_targets
+
+
 async def cmd_share(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.interval) and args.interval >= 0):
         raise UsageError("--interval must be a finite number of seconds, 0 or more")
@@ -90,17 +126,17 @@ async def cmd_share(args: argparse.Namespace) -> int:
         if args.vm or args.cached or (args.opt_out and args.opt_in):
             raise UsageError("--opt-out VM and --opt-in VM go alone")
         return await _opt(args.opt_out or args.opt_in, merge=bool(args.opt_in))
-    async with open_targets(args.vm) as all_targets:
-        if not all_targets:
-            print("no VMs known to hv (launch some, or name QMP sockets)")
-            return 0
-        # An opted-out VM's pages are no part of what could be shared.
-        targets = [t for t in all_targets if t.merge is not False]
-        opted_out = [t.name for t in all_targets if t.merge is False]
-        if args.cached:
-            index = _share_cached(targets)
-        else:
-            index = await asyncio.to_thread(_share_scan, targets, args.interval, args.replace_bad_state)
+    all_targets = await _targets(args.vm, args.cached)
+    if not all_targets:
+        print("no VMs known to hv (launch some, or name QMP sockets)")
+        return 0
+    # An opted-out VM's pages are no part of what could be shared.
+    targets = [t for t in all_targets if t.merge is not False]
+    opted_out = [t.name for t in all_targets if t.merge is False]
+    if args.cached:
+        index = _share_cached(targets)
+    else:
+        index = await asyncio.to_thread(_share_scan, targets, args.interval, args.replace_bad_state)
     if args.json:
         out: dict[str, Any] = index.as_dict()
         out["page_size"] = PAGE_SIZE
@@ -123,7 +159,7 @@ async def _opt(vm_arg: str, merge: bool) -> int:
         async with VM(name, sock) as vm:
             backend = await vm.set_merge(merge)
     except QMPBusy:
-        from hv.daemon import running_status
+        from hv.published import running_status
         snapshot = running_status()
         if snapshot is None or name not in snapshot["vms"]:
             raise

@@ -132,7 +132,7 @@ def test_running_status_ignores_torn_or_foreign_snapshots(tmp_path, monkeypatch)
     status_file().write_text('{"pid": %d, "started": 1, "vms": {}}' % os.getpid())
     assert running_status() is None
     from hv.daemon.status import publish
-    publish("high", 1, 2, {})
+    publish(state="high", free_bytes=1, pool_bytes=2, vms={})
     assert running_status() is not None
 
 

@@ -1,0 +1,50 @@
+"""The status ``hv run`` publishes every tick: where it is, and reading it safely.
+
+``hv run`` holds every VM's QMP socket (QEMU serves one client at a time), so other
+commands (``hv status``, ``hv share --cached``, ``hv top``) read this snapshot instead
+of asking QEMU.  It names the daemon by pid *and* the process's start time, so a
+reused pid is never taken for a running daemon.  What it holds:
+:mod:`hv.daemon.status`, its only writer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hv import paths
+from hv.host import proc
+
+__all__ = ["status_file", "started", "running_status"]
+
+
+def status_file() -> Path:
+    """The daemon's last tick, as JSON (see :func:`hv.daemon.status.publish`)."""
+    return paths.state_dir() / "daemon" / "status.json"
+
+
+def started(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2:].split()
+    return int(fields[19])
+
+
+def running_status() -> dict[str, Any] | None:
+    """The snapshot of a running ``hv run``, or None if no daemon is running."""
+    try:
+        snapshot: dict[str, Any] = json.loads(status_file().read_text())
+        pid = int(snapshot["pid"])
+        alive = proc.alive(pid) and isinstance(snapshot["vms"], dict)
+        born = snapshot.get("started")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none written yet, torn, or not ours
+    if alive and born is not None and born != started(pid):
+        return None  # the pid was reused by another process
+    return snapshot if alive else None
