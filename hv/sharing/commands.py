@@ -68,20 +68,28 @@ def _share_cached(targets: list[Target]) -> SharingIndex:
 async def cmd_share(args: argparse.Namespace) -> int:
     if args.interval < 0:
         raise UsageError("--interval must not be negative")
-    async with open_targets(args.vm) as targets:
-        if not targets:
+    async with open_targets(args.vm, getattr(args, "connect", None)) as named:
+        if not named:
             print("no VMs known to hv (launch some, or name QMP sockets)")
             return 0
-        if args.cached:
+        opted_out = [t.name for t in named if t.opted_out]
+        targets = [t for t in named if not t.opted_out]
+        if not targets:
+            index = build_index([])
+        elif args.cached:
             index = _share_cached(targets)
         else:
             index = await asyncio.to_thread(_share_scan, targets, args.interval, args.replace_bad_state)
     if args.json:
         out: dict[str, Any] = index.as_dict()
         out["page_size"] = PAGE_SIZE
+        out["opted_out"] = opted_out
         print(json.dumps(out, indent=1))
     else:
         print(format_index(index))
+        for name in opted_out:
+            print(f"{name}: opted out of page sharing (guest RAM not mergeable: "
+                  "<nosharepages/> or mem-merge=off); not scanned")
     return 0
 
 
@@ -98,7 +106,8 @@ async def cmd_bench_sharing(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     s = subparsers.add_parser("share", help="content-based page sharing: what VMs could share "
                               "and what KSM has merged (scans now)")
-    s.add_argument("vm", nargs="*", help="VM names or QMP socket paths (default: all known)")
+    s.add_argument("vm", nargs="*", help="VM names, QMP socket paths or libvirt:DOMAIN "
+                   "(default: all known)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
                    help="pause between the two scans a VM needs when it has no page state yet "

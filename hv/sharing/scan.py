@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from hv.errors import NativeError, VMError, VMGone
+from hv import backends
+from hv.errors import HvError, NativeError, VMError, VMGone
 from hv.host import native, proc
 from hv.qemu import launch as launcher
 from hv.qemu.vm import VM, RamRange, VMInfo
@@ -31,16 +32,25 @@ __all__ = ["Target", "check_qemu", "open_targets", "Scanner"]
 
 @dataclass(frozen=True)
 class Target:
-    """A VM to scan: its name, QMP socket, QEMU pid and where its RAM lives."""
+    """A VM to scan: its name, QMP socket, QEMU pid and where its RAM lives.
+
+    ``opted_out``: QEMU left guest RAM unmergeable (``mem-merge=off``, libvirt's
+    ``<nosharepages/>``); such a VM is kept out of scans and sharing estimates.
+    """
 
     name: str
     socket: str
     pid: int
     ram: tuple[RamRange, ...]
+    opted_out: bool = False
 
     @classmethod
     def from_info(cls, info: VMInfo) -> "Target":
-        return cls(info.name, info.socket, info.pid, info.ram)
+        try:
+            out = bool(info.ram) and not proc.mergeable(info.pid, info.ram[0].hva, info.name)
+        except HvError:
+            out = False  # a QEMU that exited is reported by the scan itself
+        return cls(info.name, info.socket, info.pid, info.ram, out)
 
     @property
     def pages(self) -> int:
@@ -62,12 +72,15 @@ def check_qemu(name: str, pid: int) -> None:
 
 
 @asynccontextmanager
-async def open_targets(names: Sequence[str]) -> AsyncIterator[list[Target]]:
-    """Targets for VM names or QMP sockets (all known VMs if none are named)."""
-    pairs = [launcher.socket_of(n) for n in names] if names else launcher.known_vms()
+async def open_targets(names: Sequence[str], connect: str | None = None
+                       ) -> AsyncIterator[list[Target]]:
+    """Targets for VM names, QMP sockets or ``libvirt:DOMAIN`` (all known VMs if none
+    are named)."""
+    vms = ([backends.open_vm(n, connect) for n in names] if names
+           else [VM(n, s) for n, s in launcher.known_vms()])
     out = []
-    for name, sock in pairs:
-        async with VM(name, sock) as vm:
+    for vm in vms:
+        async with vm:
             out.append(Target.from_info(vm.info))
     yield out
 
