@@ -71,6 +71,8 @@ class ManagedVM:
     sampler_task: asyncio.Task[None] | None = None
     clock: VMClock = field(default_factory=VMClock)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    policy_source: dict[str, str] = field(default_factory=dict)  # min/max/shares -> where from
+    discovered: bool = False  # a libvirt domain managed by [libvirt] manage = "all"
 
     @property
     def name(self) -> str:

@@ -50,9 +50,10 @@ def running_status() -> dict[str, Any] | None:
     return snapshot if alive else None
 
 
-def publish(state: str, free_bytes: int, pool_bytes: int, vms: dict[str, Any]) -> None:
-    """Write the snapshot atomically."""
+def publish(state: str, free_bytes: int, pool_bytes: int, vms: dict[str, Any],
+            tick: int | None = None) -> None:
+    """Write the snapshot atomically (``tick``: the number of the tick that wrote it)."""
     pid = os.getpid()
     paths.write_json_atomic(status_file(), {
         "pid": pid, "started": _started(pid), "time": time.time(), "state": state,
-        "free_bytes": free_bytes, "pool_bytes": pool_bytes, "vms": vms})
+        "tick": tick, "free_bytes": free_bytes, "pool_bytes": pool_bytes, "vms": vms})
