@@ -111,7 +111,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     for name, res in zip((vm.name for vm in targets), results):
         if isinstance(res, HvError):
             failed += 1
-            print(f"hv: {res}", file=sys.stderr)
+            print(f"hv: error: {res}", file=sys.stderr)
             rows.append({"vm": name, "error": str(res)})
         elif isinstance(res, BaseException):
             raise res

@@ -36,6 +36,10 @@ again (a few µs for 100 pages) and reports them through ``on_partial``, so the
 estimator can show a growing working set before the period ends
 (:meth:`hv.policy.estimator.WorkingSetEstimator.observe_partial`).  A page once
 seen touched stays touched for the period, even if the host swaps it out again.
+
+**Swap removed.**  ``swapoff`` of an area the sample went to brings every sampled page
+back, so all would read as touched: the period ends at the next poll and comes back
+``discarded``, and nothing it saw reaches ``on_partial``.
 """
 
 from __future__ import annotations
@@ -150,6 +154,7 @@ class Sampler:
         self._sampleable = 0
         self._present = 0
         self._seen: npt.NDArray[np.bool_] | None = None  # sampled pages seen touched so far
+        self._swap: frozenset[str] = frozenset()  # the swap areas the sample went to
 
     @property
     def running(self) -> bool:
@@ -158,6 +163,7 @@ class Sampler:
 
     def begin(self) -> int:
         """Pick and invalidate this period's sample; returns the pages invalidated."""
+        self._swap = swap.active_paths()
         addrs, present = sampleable_addresses(self.pid, self.ranges)
         n = min(self.sample_pages, len(addrs))
         chosen = np.sort(self.rng.choice(addrs, size=n, replace=False)) if n else addrs[:0]
@@ -172,6 +178,14 @@ class Sampler:
         self._sampleable = len(addrs)
         self._present = present
         return len(self._sample)
+
+    def swap_lost(self) -> str | None:
+        """Why the sample no longer measures anything, if swap it went to was removed:
+        ``swapoff`` brings every page back, so all would read as touched."""
+        lost = self._swap - swap.active_paths()
+        if not lost:
+            return None
+        return f"swap {', '.join(sorted(lost))} was removed during the period"
 
     def touched_so_far(self) -> int:
         """Sampled pages touched since :meth:`begin` (only grows within a period)."""
@@ -232,14 +246,19 @@ class Sampler:
                     if vm_clock is None:
                         nap_s = min(nap_s, period_s - wall_s)
                 await asyncio.sleep(nap_s)
+                if self.swap_lost() is not None:
+                    break
                 if on_partial is not None:
                     on_partial(await asyncio.to_thread(self.touched_so_far), sampled)
             res = await asyncio.to_thread(self.end)
+            lost = self.swap_lost()
         except BaseException:
             self.abandon()
             raise
         discarded = None
-        if vm_s < MIN_VM_FRACTION * period_s:
+        if lost is not None:
+            discarded = lost
+        elif vm_s < MIN_VM_FRACTION * period_s:
             discarded = (f"the VM ran {vm_s:.1f} s of a {period_s:g} s period in "
                          f"{wall_s:.1f} s (paused or starved of CPU)")
         return replace(res, vm_s=vm_s, wall_s=wall_s, discarded=discarded)

@@ -26,7 +26,7 @@ import numpy as np
 
 from hv.daemon.managed import Context, ManagedVM
 from hv.errors import HvError, VMGone
-from hv.host import native
+from hv.host import native, swap
 from hv.policy import MemState, actions_for, should_pause
 from hv.policy.reclaim import (
     BALLOON_TOLERANCE_BYTES,
@@ -36,6 +36,7 @@ from hv.policy.reclaim import (
 )
 from hv.qemu.vm import balloon_floor
 from hv.sampler import sampleable_addresses
+from hv.units import format_size
 
 __all__ = ["act", "resume", "forget_pause", "page_out"]
 
@@ -49,6 +50,16 @@ def page_out(m: ManagedVM, n: int) -> tuple[int, int]:
         return 0, 0
     chosen = np.sort(m.rng.choice(addrs, size=n, replace=False))
     return n, native.pageout(info.pid, chosen).invalidated
+
+
+def _note_swap_effect(ctx: Context, m: ManagedVM, asked: int, invalidated: int) -> None:
+    """Say once when page-out stops working (the host has no swap, or it is full)."""
+    if asked and not invalidated and not m.swap_ineffective:
+        total, free = swap.totals()
+        why = "the host has no swap" if total == 0 else f"host swap has {format_size(free)} free"
+        ctx.log.write("swap_ineffective", vm=m.name, reason=why)
+        ctx.notify(f"{m.name}: hypervisor swap pages nothing out: {why}")
+    m.swap_ineffective = bool(asked and not invalidated)
 
 
 def forget_pause(ctx: Context, m: ManagedVM) -> None:
@@ -115,6 +126,7 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) ->
                           resident_bytes=r.resident_bytes, target_bytes=target,
                           why="balloon cannot reach target" if stuck and not actions.swap
                           else str(state))
+            _note_swap_effect(ctx, m, asked, out)
 
     pause = (should_pause(state, r.resident_bytes, target, SWAP_SLACK_BYTES)
              and not m.pause_overridden)

@@ -61,7 +61,15 @@ from hv.daemon.domains import (
 from hv.daemon.managed import Context, ManagedVM
 from hv.daemon.sampling import sample_loop, save_estimator
 from hv.daemon.sharing import SharingService
-from hv.errors import AdmissionError, ConfigError, HostError, HvError, UsageError
+from hv.errors import (
+    AdmissionError,
+    ConfigError,
+    HostError,
+    HvError,
+    UsageError,
+    VMGone,
+    VMNotFound,
+)
 from hv.eventlog import EventLog
 from hv.guardian import GuardFile
 from hv.host import proc, swap
@@ -108,6 +116,14 @@ STOP_TIMEOUT_S = 1.5
 # Closing a healthy connection takes milliseconds: even when a hung QEMU's resume used
 # the whole stop timeout, the other connections get this long to close.
 CLOSE_MIN_S = 0.2
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (after symlinks, ``..`` and hard links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def parse_state(text: str) -> MemState:
@@ -177,7 +193,10 @@ class Daemon:
         self.ctx = Context(log, self.guard, self.notify)
         try:
             for cfg in config.vms:
-                self.vms.append(await self._attach(config, cfg))
+                try:
+                    self.vms.append(await self._attach(config, cfg, self.vms))
+                except (VMGone, VMNotFound) as exc:
+                    self._wait_for(cfg, exc)
             self._admit(config, self._entries(self.vms))
             if config.libvirt.manage_all:
                 await self._discover()
@@ -229,27 +248,39 @@ class Daemon:
             for line in undo(self.guard.path):
                 self.notify(f"previous run: {line}")
 
+    def _wait_for(self, cfg: VMConfig, why: HvError) -> None:
+        """A configured VM that is not running: managed once its QEMU is there."""
+        self.waiting[cfg.name] = cfg
+        self.log.write("vm_waiting", vm=cfg.name, reason=str(why))
+        self.notify(f"{cfg.name}: not running ({why}); managed once it starts")
+
     @staticmethod
-    def _socket_of(config: Config, cfg: VMConfig) -> str:
+    def _socket_of(cfg: VMConfig) -> str:
+        """The VM's QMP socket: configured, or the one of hv's guest of that name."""
         if cfg.socket is not None:
             return cfg.socket
-        try:
-            return launch.socket_of(cfg.name)[1]
-        except HvError as exc:
-            raise ConfigError(f"{config.source}: vm.{cfg.name}: no socket given and "
-                              f"no VM of that name in hv's run directory") from exc
+        return str(launch.vm_dir(cfg.name) / "qmp.sock")
 
-    async def _attach(self, config: Config, cfg: VMConfig) -> ManagedVM:
+    async def _attach(self, config: Config, cfg: VMConfig, others: list[ManagedVM]) -> ManagedVM:
+        """Connect to a configured VM; VMGone or VMNotFound when its QEMU is not running.
+
+        A VM already among ``others`` (same socket or domain, or the same QEMU behind
+        another socket) is refused: one QEMU is managed once.
+        """
         vm: VM
         if cfg.libvirt is not None:
             where = f"{config.source}: vm.{cfg.name}.libvirt"
             vm = domain_handle(config, cfg)
             what = f"domain {cfg.libvirt} at {config_uri(config, cfg)}"
+            for m in others:
+                if m.vm.socket_path == vm.socket_path:
+                    raise ConfigError(f"{where}: {what} is vm.{m.name} already")
         else:
             where = f"{config.source}: vm.{cfg.name}.socket"
-            sock = what = self._socket_of(config, cfg)
-            if not os.path.exists(sock):
-                raise ConfigError(f"{where}: {sock} does not exist")
+            sock = what = self._socket_of(cfg)
+            for m in others:
+                if _same_file(sock, m.vm.socket_path):
+                    raise ConfigError(f"{where}: {sock} is the socket of vm.{m.name} already")
             vm = VM(cfg.name, sock)
         try:
             await asyncio.wait_for(vm.attach(), ATTACH_TIMEOUT_S)
@@ -257,9 +288,15 @@ class Daemon:
             await vm.detach()
             raise ConfigError(f"{where}: {what} does not answer (nothing within "
                               f"{ATTACH_TIMEOUT_S:.0f} s)") from None
+        except (VMGone, VMNotFound):
+            raise
         except HvError as exc:
             raise ConfigError(f"{where}: {what} does not answer: {exc}") from exc
         try:
+            twin = next((m for m in others if m.pid == vm.info.pid), None)
+            if twin is not None:
+                raise ConfigError(f"{where}: {what} leads to the QEMU of vm.{twin.name} "
+                                  f"(pid {twin.pid}) already")
             if vm.info.balloon_path is None:
                 raise ConfigError(f"{where}: the VM has no virtio-balloon device")
             cfg, sources = effective(cfg, vm)
@@ -589,7 +626,7 @@ class Daemon:
     async def _try_reattach(self, cfg: VMConfig) -> None:
         config = self._host_config()
         try:
-            m = await self._attach(config, cfg)
+            m = await self._attach(config, cfg, self.vms)
         except HvError as exc:
             self._reattach_problem_once(cfg.name, str(exc), quiet=True)
             await asyncio.sleep(REATTACH_INTERVAL_S)
@@ -639,7 +676,7 @@ class Daemon:
 
     async def _add_domain(self, config: Config, domain: str, tick: int) -> None:
         try:
-            m = await self._attach(config, discovered_config(domain))
+            m = await self._attach(config, discovered_config(domain), self.vms)
         except HvError as exc:
             self._refuse_domain(domain, str(exc))
             return
@@ -678,10 +715,14 @@ class Daemon:
                         wanted.setdefault(m.name, discovered_config(m.vm.ref.domain))
             replaced = {n for n, c in wanted.items()
                         if n in known and self._socket_key(c) != self._socket_key(known[n])}
+            keep = [m for n, m in current.items() if n in wanted and n not in replaced]
+            absent: list[tuple[VMConfig, HvError]] = []
             for name, cfg in wanted.items():
                 if name not in known or name in replaced:
-                    added.append(await self._attach(new, cfg))
-            keep = [m for n, m in current.items() if n in wanted and n not in replaced]
+                    try:
+                        added.append(await self._attach(new, cfg, keep + added))
+                    except (VMGone, VMNotFound) as exc:
+                        absent.append((cfg, exc))
             merged = {m.name: effective(wanted[m.name], m.vm) for m in keep}
             limits = {m.name: self._max_of(new, merged[m.name][0], m.vm) for m in keep}
             self._admit(new, [(merged[m.name][0], m.vm, limits[m.name]) for m in keep]
@@ -705,6 +746,8 @@ class Daemon:
         for m in added:
             self.vms.append(m)
             self._start_sampler(m)
+        for cfg, why in absent:
+            self._wait_for(cfg, why)
         old_host, self.config = self.config.host, new
         if (new.host.managed_bytes, new.host.thresholds, new.host.hysteresis_pct) != (
                 old_host.managed_bytes, old_host.thresholds, old_host.hysteresis_pct):

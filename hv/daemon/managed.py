@@ -65,6 +65,7 @@ class ManagedVM:
     target_bytes: int | None = None
     balloon_asked: int | None = None
     progress: BalloonProgress = field(default_factory=BalloonProgress)
+    swap_ineffective: bool = False  # page-out invalidated nothing (no or full swap; logged once)
     paused_by_hv: bool = False
     pause_overridden: bool = False  # someone resumed what hv paused: not paused again this low
     job: asyncio.Task[None] | None = None  # the one QMP job (collect or act) in flight

@@ -18,9 +18,12 @@ from hv.daemon.managed import Context, ManagedVM
 from hv.errors import HostError
 from hv.host import native
 from hv.policy import HostConfig
-from hv.sampler import SampleResult, Sampler
+from hv.sampler import SampleResult, Sampler, SamplerUnavailable, check_can_sample
 
 __all__ = ["sample_loop", "save_estimator"]
+
+# A suspended sampler looks for swap again this often (one read of /proc/meminfo).
+SWAP_RECHECK_S = 5.0
 
 
 def save_estimator(m: ManagedVM) -> None:
@@ -29,17 +32,41 @@ def save_estimator(m: ManagedVM) -> None:
 
 
 async def sample_loop(ctx: Context, m: ManagedVM, config: Callable[[], HostConfig]) -> None:
-    """Sample ``m`` period after period; ``config()`` is read every period (reloads)."""
+    """Sample ``m`` period after period; ``config()`` is read every period (reloads).
+
+    Without usable swap (removed, or full) sampling is suspended: said once
+    (``sampling_suspended``), the estimators keep what they had, and it resumes
+    (``sampling_resumed``) when swap is back.
+    """
     info = m.vm.info
     sampler = Sampler(info.pid, [(r.hva, r.size) for r in info.ram], config().sample_pages, m.rng)
     failing: str | None = None
+    suspended: str | None = None
 
     def partial(touched: int, sampled: int) -> None:
         m.estimator.observe_partial(touched, sampled)
 
+    def suspend(why: str) -> None:
+        nonlocal suspended
+        m.estimator.clear_partial()
+        if suspended is None:
+            ctx.log.write("sampling_suspended", vm=m.name, reason=why)
+            ctx.notify(f"{m.name}: working-set sampling suspended: {why}")
+        suspended = why
+
     while True:
         host = config()
         sampler.sample_pages = host.sample_pages
+        try:
+            check_can_sample()
+        except SamplerUnavailable as exc:
+            suspend(str(exc))
+            await asyncio.sleep(min(host.sample_period_s, SWAP_RECHECK_S))
+            continue
+        if suspended is not None:
+            ctx.log.write("sampling_resumed", vm=m.name)
+            ctx.notify(f"{m.name}: working-set sampling resumed")
+            suspended = None
         try:
             res: SampleResult = await sampler.period(
                 host.sample_period_s, vm_clock=lambda: m.clock.seconds,
@@ -57,6 +84,9 @@ async def sample_loop(ctx: Context, m: ManagedVM, config: Callable[[], HostConfi
             ctx.notify(f"{m.name}: working-set sampler stopped: {exc!r}")
             return
         failing = None
+        if sampler.swap_lost() is not None:
+            suspend(res.discarded or "swap removed")
+            continue
         if res.discarded is not None:
             m.estimator.clear_partial()
             ctx.log.write("sample_discarded", vm=m.name, why=res.discarded,

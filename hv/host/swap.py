@@ -77,6 +77,13 @@ def _write_record(files: list[str]) -> None:
     paths.write_json_atomic(_record_file(), {"files": files}, indent=1)
 
 
+def active_paths() -> frozenset[str]:
+    """The paths of the host's active swap areas (one read of ``/proc/swaps``)."""
+    with open("/proc/swaps") as f:
+        return frozenset(line.split()[0].replace("\\040", " ")
+                         for line in f.readlines()[1:] if line.split())
+
+
 def areas() -> list[SwapArea]:
     """Every active swap area of the host."""
     mine = {os.path.realpath(p) for p in recorded()}

@@ -9,6 +9,7 @@ folder with ``qmp.sock`` as a symlink to that VM's socket; nothing else differs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -23,13 +24,15 @@ from hv import paths
 from hv.errors import HvError, LaunchError, UsageError, VMError, VMGone, VMNotFound
 from hv.host import proc
 from hv.qemu.accel import QEMU
-from hv.qemu.vm import VM
-from hv.units import MiB
+from hv.qemu.qmp import path_kind
+from hv.qemu.vm import FLOOR_MIN_BYTES, VM
+from hv.units import MiB, format_size
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 QUIT_WAIT_S = 5.0  # a QEMU told to quit exits in well under a second
 KILL_WAIT_S = 5.0  # after SIGTERM, then SIGKILL
 WORKLOADS = ("idle", "toucher", "hog", "filecache")
+MIN_GUEST_BYTES = FLOOR_MIN_BYTES  # below the balloon floor a guest could never be ballooned
 
 
 @dataclass
@@ -63,8 +66,11 @@ def socket_of(name_or_path: str) -> tuple[str, str]:
     """Resolve a VM argument (a name in the run directory, or a socket path) to (name, socket)."""
     if "/" in name_or_path:
         path = Path(name_or_path)
-        if not path.exists():
+        kind = path_kind(path)
+        if kind is None:
             raise VMNotFound(name_or_path, "no such QMP socket")
+        if kind != "socket":
+            raise VMError(name_or_path, f"is {kind}, not a QMP socket")
         name = path.parent.name if path.name == "qmp.sock" else path.stem
         return name, str(path)
     sock = vm_dir(name_or_path) / "qmp.sock"
@@ -109,10 +115,20 @@ def command_line(spec: GuestSpec, where: Path, kernel: Path, initrd: Path) -> li
 
 
 async def launch(spec: GuestSpec) -> VM:
-    """Start a guest, wait for its QMP socket, enable balloon statistics; returns an attached VM."""
+    """Start a guest, wait for its QMP socket, enable balloon statistics; returns an attached VM.
+
+    A launch that fails leaves nothing behind: no QEMU, no folder in the run directory.
+    """
     check_name(spec.name)
     if spec.workload not in WORKLOADS:
         raise UsageError(f"unknown workload {spec.workload!r}: choose from {', '.join(WORKLOADS)}")
+    if spec.mem_bytes < MIN_GUEST_BYTES or spec.mem_bytes % MiB:
+        raise UsageError(f"{spec.name}: guest memory {format_size(spec.mem_bytes)} must be a whole "
+                         f"number of MiB, at least {format_size(MIN_GUEST_BYTES)}")
+    initrd = Path(spec.initrd) if spec.initrd else paths.guest_initrd()
+    for image in (initrd, *([Path(spec.disk)] if spec.disk else [])):
+        if not image.exists():
+            raise UsageError(f"{spec.name}: no guest image at {image}")
     where = vm_dir(spec.name)
     if os.path.lexists(where / "qmp.sock"):
         raise UsageError(f"a VM named {spec.name!r} is already registered in {where}")
@@ -120,10 +136,16 @@ async def launch(spec: GuestSpec) -> VM:
     os.chmod(where, 0o700)
     for stale in ("console.log", "qemu.pid"):
         (where / stale).unlink(missing_ok=True)
-    initrd = Path(spec.initrd) if spec.initrd else paths.guest_initrd()
-    for image in (initrd, *([Path(spec.disk)] if spec.disk else [])):
-        if not image.exists():
-            raise UsageError(f"{spec.name}: no guest image at {image}")
+    try:
+        return await _start(spec, where, initrd)
+    except BaseException:
+        await stop(spec.name)  # whatever QEMU got to: the process, the socket
+        if where.is_dir():
+            _remove_dir(where)
+        raise
+
+
+async def _start(spec: GuestSpec, where: Path, initrd: Path) -> VM:
     cmd = command_line(spec, where, paths.guest_kernel(), initrd)
     (where / "meta.json").write_text(json.dumps({"spec": asdict(spec), "command": cmd}, indent=1))
     done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -138,9 +160,8 @@ async def launch(spec: GuestSpec) -> VM:
     try:
         await vm.attach()
         await vm.enable_stats()
-    except HvError:
+    except BaseException:
         await vm.detach()
-        await stop(spec.name)
         raise
     return vm
 
@@ -207,18 +228,45 @@ def _remove_dir(where: Path) -> None:
 
 
 async def attach_external(name: str, socket_path: str) -> VM:
-    """Register a VM hv did not start, by its QMP socket, and check it answers."""
-    target = Path(socket_path).resolve()
-    if not target.exists():
-        raise VMNotFound(name, f"no QMP socket at {socket_path}")
+    """Register a VM hv did not start, by its QMP socket, and check it answers.
+
+    A VM is its QEMU process: a socket already registered (by any path), or one that
+    leads to a QEMU already registered, is refused.
+    """
+    _, sock = socket_of(socket_path if "/" in socket_path else f"./{socket_path}")
+    target = Path(sock).resolve()
     where = vm_dir(name)
     if os.path.lexists(where / "qmp.sock"):
         raise UsageError(f"a VM named {name!r} is already registered in {where}")
+    for other, other_sock in known_vms():
+        with contextlib.suppress(OSError):
+            if os.path.samefile(other_sock, target):
+                raise UsageError(f"{socket_path} is already registered, as {other!r}")
     vm = VM(name, str(target))
     await vm.attach()  # refuse sockets that don't answer before registering anything
-    where.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (where / "qmp.sock").symlink_to(target)
+    try:
+        twin = next((other for other, _ in known_vms() if registered_pid(other) == vm.info.pid), None)
+        if twin is not None:
+            raise UsageError(f"{socket_path} leads to QEMU pid {vm.info.pid}, already "
+                             f"registered as {twin!r}")
+        where.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (where / "qmp.sock").symlink_to(target)
+        (where / "meta.json").write_text(json.dumps({"attached": str(target), "pid": vm.info.pid}))
+    except BaseException:
+        await vm.detach()
+        raise
     return vm
+
+
+def registered_pid(name: str) -> int | None:
+    """The QEMU pid hv recorded for a registered VM (launched or attached), if any."""
+    pid = _pid_of(name)
+    if pid is not None:
+        return pid
+    try:
+        return int(json.loads((vm_dir(name) / "meta.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def console_log(name: str) -> Path:

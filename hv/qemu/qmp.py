@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, Runstate
 from qemu.qmp import QMPError as LibQMPError
 
-from hv.errors import QMPBusy, QMPError, VMGone, VMNotFound
+from hv.errors import QMPBusy, QMPError, VMError, VMGone, VMNotFound
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,24 @@ def peer_pid(sock: socket.socket) -> int:
     return int(pid)
 
 
+def path_kind(path: Path) -> str | None:
+    """What ``path`` is, in words for an error message: ``socket`` when it is one, None
+    when there is nothing there."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "a special file"
+
+
 class QMPSession:
     """An open QMP connection to one VM.
 
@@ -59,8 +78,11 @@ class QMPSession:
 
     async def open(self) -> "QMPSession":
         """Connect, negotiate capabilities and learn the peer pid."""
-        if not self.socket_path.exists():
-            raise VMNotFound(self.name, f"no QMP socket at {self.socket_path}")
+        kind = path_kind(self.socket_path)
+        if kind is None:
+            raise VMNotFound(self.name, f"no such QMP socket: {self.socket_path}")
+        if kind != "socket":
+            raise VMError(self.name, f"{self.socket_path} is {kind}, not a QMP socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(CONNECT_TIMEOUT_S)
@@ -88,7 +110,9 @@ class QMPSession:
                           f"{CONNECT_TIMEOUT_S:.0f} s (another client holds it)") from exc
         except (ConnectError, LibQMPError, OSError, EOFError) as exc:
             sock.close()
-            raise QMPError(self.name, f"QMP handshake with {self.socket_path} failed: {exc}") from exc
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QMPError(self.name, f"{self.socket_path} does not speak QMP (handshake failed: "
+                           f"{why})") from exc
         return self
 
     async def close(self) -> None:
@@ -130,8 +154,3 @@ class QMPSession:
             if not self.connected:
                 raise VMGone(self.name, f"QEMU went away during {command!r}") from exc
             raise QMPError(self.name, f"{command}: {exc}") from exc
-
-    async def hmp(self, command_line: str) -> str:
-        """Run a human monitor command (for what QMP lacks, e.g. ``gpa2hva``)."""
-        out = await self.execute("human-monitor-command", {"command-line": command_line})
-        return str(out)

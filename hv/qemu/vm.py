@@ -21,6 +21,7 @@ from typing import Any
 
 from hv.errors import QMPError, UsageError, VMError, VMGone
 from hv.host import proc
+from hv.qemu import answers
 from hv.qemu.qmp import QMPSession, Transcript
 from hv.units import MiB, format_size
 
@@ -30,6 +31,7 @@ FLOOR_FRACTION = 1 / 8  # struct pages, page tables and slab scale with the VM's
 HEADROOM_BYTES = 32 * MiB  # room above the guest's own use so inflation doesn't OOM it
 
 STATS_POLL_INTERVAL_S = 2  # the guest refreshes its statistics this often once enabled
+UINT64_MAX = 2**64 - 1  # QEMU's "no figure" for a guest statistic, as an unsigned field
 
 
 class VMState(enum.Enum):
@@ -178,25 +180,30 @@ class VM:
     async def _discover(self) -> VMInfo:
         pid = self._session.pid
         assert pid is not None
-        kvm = await self._cmd("query-kvm")
-        accel = "kvm" if kvm.get("enabled") else "tcg"
-        summary = await self._cmd("query-memory-size-summary")
-        ram_bytes = int(summary["base-memory"]) + int(summary.get("plugged-memory", 0))
+        name = self.name
+        kvm = answers.record(name, "query-kvm", await self._cmd("query-kvm"))
+        accel = "kvm" if answers.boolean(name, "query-kvm", kvm, "enabled") else "tcg"
+        command = "query-memory-size-summary"
+        summary = answers.record(name, command, await self._cmd(command))
+        ram_bytes = (answers.integer(name, command, summary, "base-memory", minimum=1)
+                     + answers.integer(name, command, summary, "plugged-memory", default=0))
         ram = await self._ram_ranges()
         balloon = await self._find_balloon()
         doom = False
         if balloon is not None:
-            doom = bool(await self._cmd("qom-get", {"path": balloon, "property": "deflate-on-oom"}))
+            doom = answers.scalar_bool(
+                name, "qom-get", await self._cmd("qom-get", {"path": balloon, "property": "deflate-on-oom"}),
+                "deflate-on-oom")
         return VMInfo(self.name, str(self.socket_path), pid, accel, ram_bytes, ram, balloon, doom)
 
     async def _ram_ranges(self) -> tuple[RamRange, ...]:
         """Where guest RAM (the block at guest physical 0) lives in the QEMU process."""
-        where = _GPA2HVA_RE.search(await self._session.hmp("gpa2hva 0"))
+        where = _GPA2HVA_RE.search(await self._hmp("gpa2hva 0"))
         if where is None:
             raise QMPError(self.name, "cannot locate guest RAM: gpa2hva 0 gave no address")
         block, hva = where.group(1), int(where.group(2), 16)
         sizes = {m.group(1): int(m.group(3), 16)
-                 for m in _RAMBLOCK_RE.finditer(await self._session.hmp("info ramblock"))}
+                 for m in _RAMBLOCK_RE.finditer(await self._hmp("info ramblock"))}
         if block not in sizes:
             raise QMPError(self.name, f"cannot locate guest RAM: block {block!r} not in info ramblock")
         return (RamRange(block, hva, sizes[block]),)
@@ -205,13 +212,14 @@ class VM:
         """QOM path of the virtio-balloon device, wherever it was plugged."""
         for parent in ("/machine/peripheral", "/machine/peripheral-anon"):
             try:
-                children = await self._cmd("qom-list", {"path": parent})
+                answer = await self._cmd("qom-list", {"path": parent})
             except QMPError:
-                continue
-            for child in children:
-                if child["type"] in ("child<virtio-balloon-pci>", "child<virtio-balloon-ccw>",
+                continue  # no such container in this machine
+            for child in answers.listing(self.name, "qom-list", answer):
+                kind = answers.string(self.name, "qom-list", child, "type")
+                if kind in ("child<virtio-balloon-pci>", "child<virtio-balloon-ccw>",
                                      "child<virtio-balloon-device>"):
-                    return f"{parent}/{child['name']}"
+                    return f"{parent}/{answers.string(self.name, 'qom-list', child, 'name')}"
         return None
 
     # -- balloon -----------------------------------------------------------------
@@ -224,7 +232,8 @@ class VM:
     async def balloon_actual(self) -> int:
         """The guest's current memory as QEMU sees it (RAM size minus balloon), bytes."""
         self._require_balloon()
-        return int((await self._cmd("query-balloon"))["actual"])
+        answer = answers.record(self.name, "query-balloon", await self._cmd("query-balloon"))
+        return answers.integer(self.name, "query-balloon", answer, "actual")
 
     async def check_balloon_target(self, target_bytes: int, *, force: bool = False) -> None:
         """Refuse a target above the VM's RAM or below the safe floor (see README)."""
@@ -282,8 +291,10 @@ class VM:
         known = self._stats_interval_s
         if known is not None and 0 < known <= interval_s:
             return  # asked or checked on this connection already (once per tick saved)
-        current = int(await self._cmd("qom-get", {"path": path,
-                                                  "property": "guest-stats-polling-interval"}))
+        current = answers.scalar_int(
+            self.name, "qom-get", await self._cmd("qom-get", {"path": path,
+                                                              "property": "guest-stats-polling-interval"}),
+            "guest-stats-polling-interval")
         if current != interval_s and (current == 0 or current > interval_s):
             await self._cmd("qom-set", {"path": path, "property": "guest-stats-polling-interval",
                                         "value": interval_s})
@@ -301,25 +312,33 @@ class VM:
         await self.enable_stats()
         deadline = time.monotonic() + wait_s
         while True:
-            raw = await self._cmd("qom-get", {"path": path, "property": "guest-stats"})
-            last = int(raw.get("last-update", 0))
+            raw = answers.record(self.name, "qom-get guest-stats",
+                                 await self._cmd("qom-get", {"path": path, "property": "guest-stats"}))
+            last = answers.integer(self.name, "qom-get guest-stats", raw, "last-update", default=0)
             fresh = last and (max_age_s is None or time.time() - last <= max_age_s)
             if fresh or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.25)
-        values = raw.get("stats", {}) if fresh else {}
+        values = answers.record(self.name, "qom-get guest-stats", raw.get("stats", {})) if fresh else {}
 
         def get(key: str) -> int | None:
-            v = values.get(key, -1)
-            return None if v is None or int(v) < 0 else int(v)
+            # The guest's figures; QEMU sends -1 (or its uint64 form) for one it lacks.
+            v = answers.integer(self.name, "qom-get guest-stats", values, key, minimum=-1,
+                                maximum=UINT64_MAX, default=-1)
+            return None if v in (-1, UINT64_MAX) else v
 
         fields = {name: get(key) for name, key in _STAT_KEYS.items()}
         return GuestStats(**fields, age_s=(time.time() - last) if fresh else None)
 
+    async def _hmp(self, command_line: str) -> str:
+        out = await self._cmd("human-monitor-command", {"command-line": command_line})
+        return answers.text(self.name, f"human-monitor-command {command_line}", out)
+
     # -- run state ---------------------------------------------------------------
     async def status(self) -> str:
         """QEMU's run state: ``running``, ``paused``, ..."""
-        return str((await self._cmd("query-status"))["status"])
+        answer = answers.record(self.name, "query-status", await self._cmd("query-status"))
+        return answers.string(self.name, "query-status", answer, "status")
 
     async def pause(self) -> None:
         await self._cmd("stop")

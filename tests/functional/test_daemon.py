@@ -220,7 +220,7 @@ def test_kill_leaves_guests_running_and_restart_resumes(guests, host_swap, state
     ({"min": "300M", "max": "256M"}, "vm.g.min: 300.0M is larger than max 256.0M"),
     ({"min": "128M", "shares": 0}, "vm.g.shares: must be more than 0"),
     ({"min": "128M", "colour": "blue"}, "vm.g.colour: unknown key"),
-    ({"min": "128M"}, "does not answer"),
+    ({"min": "128M", "socket": "REGULAR"}, "is a regular file, not a QMP socket"),
 ])
 def test_bad_config_refused(tmp_path: Path, state_dir: Path, run_dir: Path,
                             table: dict[str, Any], message: str) -> None:
@@ -229,6 +229,9 @@ def test_bad_config_refused(tmp_path: Path, state_dir: Path, run_dir: Path,
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(dead))
     s.close()
+    regular = tmp_path / "notes.txt"
+    regular.write_text("not a socket\n")
+    table = {**table, "socket": str(regular)} if table.get("socket") == "REGULAR" else table
     config = write_config(tmp_path / "bad.toml", {"managed": "1G"},
                           {"g": {"socket": str(dead), **table}})
     started = time.monotonic()
