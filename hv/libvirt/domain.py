@@ -34,14 +34,12 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from hv.errors import HostError, LibvirtError, QMPError, VMError, VMGone, VMNotFound
+from hv.errors import HostError, LibvirtError, VMError, VMGone, VMNotFound
 from hv.host import proc
 from hv.libvirt.domxml import DomainXml, parse_domain_xml
 from hv.libvirt.errors import connect_error, from_libvirt
 from hv.libvirt.naming import DomainRef
-from hv.qemu.vm import (  # noqa: PLC2701 - the HMP answers are parsed the same way for both
-    _GPA2HVA_RE,
-    _RAMBLOCK_RE,
+from hv.qemu.vm import (
     STATS_POLL_INTERVAL_S,
     VM,
     GuestStats,
@@ -146,6 +144,10 @@ class Domain(VM):
                 self.state = VMState.GONE
             raise err from exc
 
+    async def _cmd(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """libvirtd holds the domain's QMP monitor: any QMP-only path of VM is a bug here."""
+        raise VMError(self.name, f"QMP {command!r} is not available through libvirt")
+
     def _live(self) -> Any:
         if self.state is not VMState.ATTACHED or self._dom is None:
             raise VMError(self.name, f"handle is {self.state.value}; attach first")
@@ -211,23 +213,15 @@ class Domain(VM):
         return pid
 
     async def _ram_ranges_of(self, pid: int) -> tuple[RamRange, ...]:
-        """Where guest RAM lives: HMP through libvirt's monitor passthrough, once per QEMU."""
+        """Where guest RAM lives (:meth:`VM._ram_ranges`, its HMP through libvirt), once
+        per QEMU process."""
         key = (pid, _start_time(pid))
-        if key in _RAM_CACHE:
-            return _RAM_CACHE[key]
-        where = _GPA2HVA_RE.search(await self._hmp("gpa2hva 0"))
-        if where is None:
-            raise QMPError(self.name, "cannot locate guest RAM: gpa2hva 0 gave no address")
-        block, hva = where.group(1), int(where.group(2), 16)
-        sizes = {m.group(1): int(m.group(3), 16)
-                 for m in _RAMBLOCK_RE.finditer(await self._hmp("info ramblock"))}
-        if block not in sizes:
-            raise QMPError(self.name, f"cannot locate guest RAM: block {block!r} not in info ramblock")
-        ranges = (RamRange(block, hva, sizes[block]),)
-        _RAM_CACHE[key] = ranges
-        return ranges
+        if key not in _RAM_CACHE:
+            _RAM_CACHE[key] = await self._ram_ranges()
+        return _RAM_CACHE[key]
 
     async def _hmp(self, command: str) -> str:
+        """One HMP command through libvirt-qemu's monitor passthrough."""
         try:
             import libvirt_qemu  # type: ignore[import-untyped]
         except ImportError as exc:
