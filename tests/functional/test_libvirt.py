@@ -23,7 +23,7 @@ from tests.functional.libvirt_env import (
     libvirtd_fixture,
     virsh,
 )
-from tests.functional.pressure import MemoryLocker
+from tests.functional.pressure import MemoryLocker, meminfo
 
 pytestmark = pytest.mark.guest
 
@@ -210,3 +210,81 @@ def test_run_manage_all_picks_up_and_drops(domains: Domains, state_dir: Path, tm
         assert hv.stop() == 0, hv.stderr()
     finally:
         hv.close()
+
+
+# -- hv run under real host pressure: two libvirt domains and one QMP guest ----------------
+
+PRESSURE_HOST = {"poll_interval_s": 1, "sample_period_s": 5, "sample_pages": 200}
+SOFT_LEVEL_PCT = 3.0  # half-way into soft (hv's default thresholds: high 6, soft 4)
+SOFT_GOAL_PCT = 4.5  # soft + hysteresis: where free memory must come back to
+ACT_WS_MIB = 200
+GUEST_BASE_BYTES = 48 * MiB  # kernel, init, busybox and part of hv's headroom (test_pressure)
+
+
+def test_run_pressure_moves_memory_from_idle_domain(domains: Domains, guests: Any,
+                                                    state_dir: Path, tmp_path: Path,
+                                                    run_swap: None) -> None:
+    """The host is short of memory (a process holds it down to 3 %, soft) when hv starts.
+    The idle domain holds 600 MiB it no longer uses; the active domain touches 200 MiB
+    and was booted ballooned down to 256 of its 512 MiB, less than its working set
+    needs.  hv takes memory from the idle domain and gives the active one what its
+    working set needs, and free memory comes back above soft + hysteresis."""
+    idle = domains.create("idle", mem_mib=768, workload="hog", hog_mib=600, hog_hold_s=1,
+                          fill="unique")
+    act = domains.create("act", mem_mib=512, current_mib=256, workload="toucher",
+                         alloc_mib=ACT_WS_MIB, ws=ACT_WS_MIB, rate=1, policy={"min": "160M"})
+    q = guests.launch("q", mem="256M")
+    domains.wait_event(idle, "hog_freed", 120)
+    domains.wait_event(act, "toucher_filled", 120)
+    config = tmp_path / "hv.toml"
+    config.write_text(toml(PRESSURE_HOST, {
+        "idle": {"libvirt": idle, "min": "160M"},
+        "act": {"libvirt": act},  # min from the domain's metadata
+        "q": {"socket": q["socket"], "min": "160M"}}, {}))
+    names = ["idle", "act", "q"]
+    start = {idle: dommemstat(idle)["actual"] * 1024, act: dommemstat(act)["actual"] * 1024}
+    assert start[act] == 256 * MiB
+    locker = MemoryLocker()
+    hv: HvRun | None = None
+    try:
+        locker.start()
+        level = locker.lock_until_available(SOFT_LEVEL_PCT)
+        hv = HvRun(config, tmp_path / "events.jsonl", "--no-guardian")
+        hv.wait_event("state", 30, state="soft")
+        goal = SOFT_GOAL_PCT / 100 * meminfo()["MemTotal"]
+
+        def shown() -> str:
+            assert hv is not None
+            return f"{level}; " + "; ".join(
+                f"{n}: balloon {hv.last_tick(n)['balloon_bytes'] // MiB}M target "
+                f"{(hv.last_tick(n)['target_bytes'] or 0) // MiB}M need "
+                f"{(hv.last_tick(n)['need_bytes'] or 0) // MiB}M" for n in names if hv.ticks(n))
+
+        def moved() -> bool:
+            assert hv is not None
+            hv.check_alive()
+            t = hv.events("tick")
+            return (bool(t) and t[-1]["free_bytes"] >= goal
+                    and dommemstat(idle)["actual"] * 1024 <= start[idle] - 128 * MiB
+                    and dommemstat(act)["actual"] * 1024 >= start[act] + 32 * MiB)
+        try:
+            wait_for(moved, 90, "idle domain ballooned down, active one up, free memory back")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {shown()}") from None
+        # hv did it: it asked the idle balloon to inflate and the active one to deflate.
+        assert [e for e in hv.events("balloon", vm="idle") if e["goal_bytes"] < e["actual_bytes"]]
+        assert [e for e in hv.events("balloon", vm="act") if e["goal_bytes"] > e["actual_bytes"]]
+        # The active domain kept its working set all along; nothing was swapped or paused.
+        floor = ACT_WS_MIB * MiB + GUEST_BASE_BYTES
+        assert min(t["balloon_bytes"] for t in hv.ticks("act")) >= start[act], shown()
+        assert dommemstat(act)["actual"] * 1024 >= floor, shown()
+        assert not hv.events("swap", vm="act") and not hv.events("pause"), shown()
+        # Policy sources as published: act's min from its XML, idle's from the TOML.
+        st = json.loads((state_dir / "daemon" / "status.json").read_text())["vms"]
+        assert st["act"]["policy"]["source"]["min"] == "domain"
+        assert st["idle"]["policy"]["source"]["min"] == "config"
+        assert hv.stop() == 0, hv.stderr()
+    finally:
+        locker.close()
+        if hv is not None:
+            hv.close()
