@@ -154,23 +154,17 @@ class Domain(VM):
         return self._dom
 
     # -- lifecycle -----------------------------------------------------------------
-    async def attach(self) -> VMInfo:
-        """Look the domain up and learn pid, accelerator, RAM size and location."""
-        if self.state is not VMState.DETACHED:
-            raise VMError(self.name, f"cannot attach a handle that is {self.state.value}")
+    async def _open(self) -> None:
+        """Connect to libvirt and look the running domain up (VM.attach does the rest)."""
         self._conn = await asyncio.to_thread(open_connection, self.name, self.ref.uri)
         try:
             self._dom = await self._call("look up the domain", self._conn.lookupByName,
                                          self.ref.domain)
             if not await self._call("read its state", self._dom.isActive):
                 raise VMGone(self.name, "the domain is not running (shut off)")
-            self.state = VMState.ATTACHED
-            self._stats_interval_s = None
-            self._info = await self._discover()
         except BaseException:
             await self.detach()
             raise
-        return self._info
 
     async def detach(self) -> None:
         """Close the libvirt connection; the domain keeps running."""
