@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
-from hv import __version__, paths
+from hv import __version__, backends, paths
 from hv.errors import HvError, QMPBusy, UsageError, VMError, VMGone
 from hv.qemu import accel as accel_mod
 from hv.qemu import launch as launcher
@@ -73,18 +73,19 @@ def _daemon_row(name: str, sock: str) -> dict[str, Any] | None:
     return None
 
 
-async def _status_one(name: str, sock: str) -> dict[str, Any]:
+async def _status_one(vm: VM) -> dict[str, Any]:
     try:
-        return await _status_live(name, sock)
+        return await _status_live(vm)
     except QMPBusy:
-        row = _daemon_row(name, sock)
+        row = _daemon_row(vm.name, vm.socket_path)
         if row is None:
             raise
         return row
 
 
-async def _status_live(name: str, sock: str) -> dict[str, Any]:
-    async with VM(name, sock) as vm:
+async def _status_live(vm: VM) -> dict[str, Any]:
+    name = vm.name
+    async with vm:
         info = vm.info
         row: dict[str, Any] = {
             "vm": name, "socket": info.socket, "pid": info.pid, "accel": info.accel,
@@ -98,7 +99,9 @@ async def _status_live(name: str, sock: str) -> dict[str, Any]:
         usage = vm.host_usage()
         row["host_resident_bytes"] = usage.rss_bytes
         row["host_swap_bytes"] = usage.swap_bytes
-        row["ksm"] = await _ksm_of(vm)
+        row.update(backends.describe(vm, _daemon_row(name, info.socket)))
+        # QOM's answer where QEMU gives one, else what the kernel says of the mapping.
+        row["ksm"] = await _ksm_of(vm) or row["sharing"]
         return row
 
 
@@ -113,11 +116,12 @@ async def _ksm_of(vm: VM) -> str | None:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    targets = ([launcher.socket_of(v) for v in args.vm] if args.vm else launcher.known_vms())
-    results = await asyncio.gather(*(_status_one(n, s) for n, s in targets), return_exceptions=True)
+    targets = ([backends.open_vm(v, args.connect) for v in args.vm] if args.vm
+               else [VM(n, s) for n, s in launcher.known_vms()])
+    results = await asyncio.gather(*(_status_one(vm) for vm in targets), return_exceptions=True)
     rows: list[dict[str, Any]] = []
     failed = 0
-    for (name, _), res in zip(targets, results):
+    for name, res in zip((vm.name for vm in targets), results):
         if isinstance(res, HvError):
             failed += 1
             print(f"hv: error: {res}", file=sys.stderr)
@@ -148,6 +152,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
                         _size(r["host_resident_bytes"]), _size(r["host_swap_bytes"]),
                         r.get("ksm")])
         print(table(out, header))
+        for line in backends.describe_lines(rows):
+            print(line)
     return 1 if failed else 0
 
 
@@ -157,8 +163,8 @@ async def cmd_balloon(args: argparse.Namespace) -> int:
     # Every argument is checked before anything changes.
     if args.wait is not None and not (math.isfinite(args.wait) and args.wait >= 0):
         raise UsageError(f"--wait must be a number of seconds >= 0, not {args.wait:g}")
-    name, sock = launcher.socket_of(args.vm)
-    async with VM(name, sock) as vm:
+    async with backends.open_vm(args.vm, args.connect) as vm:
+        name = vm.name
         await vm.set_balloon(target, force=args.force)
         if args.wait is not None:
             actual = await vm.wait_balloon(target, args.wait)
@@ -169,8 +175,8 @@ async def cmd_balloon(args: argparse.Namespace) -> int:
 
 
 async def cmd_pause(args: argparse.Namespace) -> int:
-    name, sock = launcher.socket_of(args.vm)
-    async with VM(name, sock) as vm:
+    async with backends.open_vm(args.vm, args.connect) as vm:
+        name = vm.name
         await (vm.pause() if args.command == "pause" else vm.resume())
         print(f"{name}: {await vm.status()}")
     return 0
@@ -271,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("status", help="table of VMs: balloon, guest and host memory")
-    s.add_argument("vm", nargs="*", help="VM names or QMP socket paths (default: all known)")
+    s.add_argument("vm", nargs="*", help="VM names, QMP socket paths or libvirt:DOMAIN "
+                   "(default: all known)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
@@ -319,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
+    backends.add_connect_option(p, sub)
     return p
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hv import backends
 from hv.daemon import Daemon, Options, parse_state
 from hv.eventlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EventLog
 from hv.errors import HvError, UsageError
@@ -88,8 +89,8 @@ async def cmd_sample(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.period) and args.period > 0) or args.pages < 1 or args.periods < 1:
         raise UsageError("--period must be a finite number > 0, --pages and --periods >= 1")
     check_can_sample()
-    name, sock = launcher.socket_of(args.vm)
-    async with VM(name, sock) as vm:
+    async with backends.open_vm(args.vm, args.connect) as vm:
+        name = vm.name
         info = vm.info
         sampler = Sampler(info.pid, [(r.hva, r.size) for r in info.ram], args.pages)
         est = WorkingSetEstimator()
@@ -164,7 +165,7 @@ def register(sub: Any) -> None:
     st.set_defaults(func=cmd_swap)
 
     s = sub.add_parser("sample", help="measure one VM's working set by sampling")
-    s.add_argument("vm", help="VM name or QMP socket path")
+    s.add_argument("vm", help="VM name, QMP socket path or libvirt:DOMAIN")
     s.add_argument("--period", type=float, default=30.0, help="seconds per period (default 30)")
     s.add_argument("--pages", type=int, default=100, help="pages per sample (default 100)")
     s.add_argument("--periods", type=int, default=3, help="how many periods (default 3)")

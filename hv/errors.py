@@ -12,6 +12,7 @@ exit status.  Wrap, don't swallow: ``raise QMPError(...) from exc``.
      |    +-- VMNotFound     no such VM / socket
      |    +-- QMPError       QMP connect failed or a command returned an error
      |    |    +-- QMPBusy   another client (e.g. `hv run`) holds the VM's QMP socket
+     |    +-- LibvirtError   libvirtd unreachable, refused, or an operation failed
      |    +-- VMGone         the VM died (before or during an operation)
      |    +-- LaunchError    QEMU failed to start; carries command and output
      +-- AdmissionError      admission control refused a VM
@@ -74,6 +75,17 @@ class QMPError(VMError):
 
 class QMPBusy(QMPError):
     """The QMP socket accepted the connection but never greeted: another client holds it."""
+
+
+class LibvirtError(VMError):
+    """libvirtd cannot be reached, refused hv, or failed an operation on a domain.
+
+    ``code`` is libvirt's ``virErrorNumber`` when libvirt gave one.
+    """
+
+    def __init__(self, vm: str, message: str, code: int | None = None) -> None:
+        self.code = code
+        super().__init__(vm, message)
 
 
 class VMGone(VMError):

@@ -22,7 +22,6 @@ from pathlib import Path
 from hv import paths
 from hv.errors import HostError, HvError
 from hv.host.ksm import Ksm
-from hv.qemu.vm import VM
 
 __all__ = ["GuardFile", "undo", "main"]
 
@@ -63,7 +62,9 @@ class GuardFile:
 
 
 async def _resume(name: str, sock: str) -> str:
-    vm = VM(name, sock)
+    from hv.backends import handle_for  # libvirt's binding only when a domain needs it
+
+    vm = handle_for(name, sock)
     try:
         await asyncio.wait_for(vm.attach(), RESUME_TIMEOUT_S)
         await asyncio.wait_for(vm.resume(), RESUME_TIMEOUT_S)

@@ -8,13 +8,18 @@
 #   - the guest image: $HV_CACHE_DIR/guest/initramfs.cpio.gz
 #   - with --with-debian, also a Debian guest (debootstrap minbase + systemd, booted from
 #     a virtio disk): $HV_CACHE_DIR/debian/{debian.ext4,debian-initrd.cpio.gz}
+#   - with --with-libvirt, also libvirt (libvirt-daemon, libvirt-daemon-driver-qemu,
+#     libvirt-clients) and Debian's python3-libvirt, linked into the virtualenv;
+#     scripts/libvirtd.sh starts libvirtd where no service manager does
 set -euo pipefail
 
 with_debian=0
+with_libvirt=0
 for arg in "$@"; do
     case "$arg" in
         --with-debian) with_debian=1 ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --with-libvirt) with_libvirt=1 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "setup: error: unknown option $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -32,6 +37,8 @@ packages=(qemu-system-x86 qemu-utils busybox-static libxxhash-dev xxhash cpio km
           libc6-dev python3 python3-venv python3-dev zstd xz-utils util-linux procps)
 [ "$with_debian" = 1 ] && packages+=(debootstrap e2fsprogs)
 packages+=(chromium fonts-dejavu-core tmux)  # the dashboard and `hv top` tests
+[ "$with_libvirt" = 1 ] && packages+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+                                      python3-libvirt)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -57,6 +64,20 @@ if [ ! -f "$stamp" ] || [ -n "$(find "$repo/setup.py" "$repo/native" -newer "$st
     "$venv/bin/pip" install -q -e "$repo[test,plot]" >"$venv/pip.log" 2>&1 \
         || { cat "$venv/pip.log" >&2; die "pip install failed (log above)"; }
     touch "$stamp"
+fi
+
+# 2b. libvirt's Python binding in the virtualenv ------------------------------------------
+# Debian's python3-libvirt is built for Debian's python3; the venv's python must be the
+# same minor version (its extension modules are named for the ABI, e.g. cpython-311).
+if [ "$with_libvirt" = 1 ]; then
+    site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    abi=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+    dist=/usr/lib/python3/dist-packages
+    [ -f "$dist/libvirtmod$abi" ] || die "python3-libvirt has no libvirtmod$abi for the venv's python ($("$venv/bin/python" -V)); use Debian's python3 (HV_PYTHON=/usr/bin/python3) or build libvirt-python against libvirt-dev"
+    for f in libvirt.py libvirt_qemu.py libvirtaio.py "libvirtmod$abi" "libvirtmod_qemu$abi"; do
+        ln -sfn "$dist/$f" "$site/$f"
+    done
+    "$venv/bin/python" -c 'import libvirt, libvirt_qemu' || die "the libvirt binding does not import in $venv"
 fi
 
 # 3. The guest kernel, extracted into the cache -----------------------------------------

@@ -50,6 +50,14 @@ from hv import paths
 from hv.daemon import status
 from hv.daemon.act import act, forget_pause, resume
 from hv.daemon.collect import host_available_bytes, collect
+from hv.daemon.domains import (
+    Discovery,
+    config_key,
+    config_uri,
+    discovered_config,
+    domain_handle,
+    effective,
+)
 from hv.daemon.managed import Context, ManagedVM
 from hv.daemon.merge import read_merge, set_merge
 from hv.daemon.sampling import sample_loop, save_estimator
@@ -85,6 +93,7 @@ from hv.policy.reclaim import (
     pool_bytes,
     pool_free_bytes,
 )
+from hv.libvirt import Domain, uri_of
 from hv.qemu import launch
 from hv.qemu.vm import VM, VMState, balloon_floor
 from hv.sampler import SamplerUnavailable, check_can_sample
@@ -180,6 +189,9 @@ class Daemon:
         self.admission_refusals = 0  # VMs refused at re-attach or reload
         self._tick_started = time.monotonic()
         self._tick_s = self._tick_s_total = 0.0
+        self.discovery = Discovery()
+        self._discovering: asyncio.Task[None] | None = None
+        self._samplers_started = False
 
     @property
     def log(self) -> EventLog:
@@ -207,6 +219,8 @@ class Daemon:
                 except (VMGone, VMNotFound) as exc:
                     self._wait_for(cfg, exc)
             self._admit(config, self._entries(self.vms))
+            if config.libvirt.manage_all:
+                await self._discover()
         except BaseException:
             await self._detach(self.vms)
             raise
@@ -229,8 +243,9 @@ class Daemon:
 
     def _load_config(self) -> Config:
         config = load_config(self.options.config_path, proc.meminfo()["MemTotal"])
-        if not config.vms:
-            raise ConfigError(f"{config.source}: no [vm.NAME] tables: nothing to manage")
+        if not config.vms and not config.libvirt.manage_all:
+            raise ConfigError(f"{config.source}: no [vm.NAME] tables (and no [libvirt] "
+                              "manage = \"all\"): nothing to manage")
         return config
 
     @staticmethod
@@ -281,38 +296,49 @@ class Daemon:
     async def _attach(self, config: Config, cfg: VMConfig, others: list[ManagedVM]) -> ManagedVM:
         """Connect to a configured VM; VMGone or VMNotFound when its QEMU is not running.
 
-        A VM already among ``others`` (same socket, or the same QEMU behind another
-        socket) is refused: one QEMU is managed once.
+        A VM already among ``others`` (same socket or domain, or the same QEMU behind
+        another socket) is refused: one QEMU is managed once.
         """
-        where = f"{config.source}: vm.{cfg.name}.socket"
-        sock = self._socket_of(cfg)
-        for m in others:
-            if _same_file(sock, m.vm.socket_path):
-                raise ConfigError(f"{where}: {sock} is the socket of vm.{m.name} already")
-        vm = VM(cfg.name, sock)
+        vm: VM
+        if cfg.libvirt is not None:
+            where = f"{config.source}: vm.{cfg.name}.libvirt"
+            vm = domain_handle(config, cfg)
+            what = f"domain {cfg.libvirt} at {config_uri(config, cfg)}"
+            for m in others:
+                if m.vm.socket_path == vm.socket_path:
+                    raise ConfigError(f"{where}: {what} is vm.{m.name} already")
+        else:
+            where = f"{config.source}: vm.{cfg.name}.socket"
+            sock = what = self._socket_of(cfg)
+            for m in others:
+                if _same_file(sock, m.vm.socket_path):
+                    raise ConfigError(f"{where}: {sock} is the socket of vm.{m.name} already")
+            vm = VM(cfg.name, sock)
         try:
             await asyncio.wait_for(vm.attach(), ATTACH_TIMEOUT_S)
         except asyncio.TimeoutError:
             await vm.detach()
-            raise ConfigError(f"{where}: {sock} does not answer (no QMP greeting in "
+            raise ConfigError(f"{where}: {what} does not answer (nothing within "
                               f"{ATTACH_TIMEOUT_S:.0f} s)") from None
         except (VMGone, VMNotFound):
             raise
         except HvError as exc:
-            raise ConfigError(f"{where}: {sock} does not answer: {exc}") from exc
+            raise ConfigError(f"{where}: {what} does not answer: {exc}") from exc
         try:
             twin = next((m for m in others if m.pid == vm.info.pid), None)
             if twin is not None:
-                raise ConfigError(f"{where}: {sock} leads to the QEMU of vm.{twin.name} "
+                raise ConfigError(f"{where}: {what} leads to the QEMU of vm.{twin.name} "
                                   f"(pid {twin.pid}) already")
             if vm.info.balloon_path is None:
                 raise ConfigError(f"{where}: the VM has no virtio-balloon device")
+            cfg, sources = effective(cfg, vm)
             max_bytes = self._max_of(config, cfg, vm)
             await vm.enable_stats()
         except BaseException:
             await vm.detach()
             raise
         m = self._managed(cfg, vm, max_bytes)
+        m.policy_source = sources
         if self.ctx is not None:
             await read_merge(self.ctx, m)
         return m
@@ -405,6 +431,7 @@ class Daemon:
                     self.log.write("estimator_loaded", vm=m.name, **m.estimator.to_dict(),
                                    measured_pages=m.measured_pages)
                 self._start_sampler(m)
+            self._samplers_started = True
             if self.config.host.share_interval_s > 0 and not self.options.once:
                 self.sharing = SharingService(
                     self.ctx, lambda: self._host_config().host.share_interval_s,
@@ -563,6 +590,9 @@ class Daemon:
                 jobs.append(m.job)
         await self._wait_jobs(jobs, half)
         self._reattach()
+        if self.config.libvirt.manage_all and (self._discovering is None
+                                               or self._discovering.done()):
+            self._discovering = asyncio.create_task(self._discover(self.ticks))
         if not known:
             state, real, free = self._update_state()
         new = [m for m in self.vms if m.reading is not None and m.failing is None
@@ -723,6 +753,51 @@ class Daemon:
                 self.log.write("reattach_refused", vm=name, error=problem)
                 self.notify(f"{name}: back but not managed: {problem}")
 
+    # -- libvirt domains that come and go (manage = "all") ---------------------------
+    async def _discover(self, tick: int = 0) -> None:
+        """Attach every running domain not managed yet (listed in tick ``tick``); said
+        once per domain refused."""
+        config = self._host_config()
+        try:
+            active = await self.discovery.active(uri_of(config.libvirt.uri))
+        except HvError as exc:
+            if self.discovery.failing != str(exc):
+                self.discovery.failing = str(exc)
+                self.log.write("discovery_failed", error=str(exc))
+                self.notify(f"libvirt: cannot list domains ({exc}); trying again each tick")
+            return
+        self.discovery.failing = None
+        taken = {c.libvirt for c in config.vms if c.libvirt is not None}
+        taken |= {m.vm.ref.domain for m in self.vms if isinstance(m.vm, Domain)}
+        names = {c.name for c in config.vms} | {m.name for m in self.vms}
+        await asyncio.gather(*(self._add_domain(config, d, tick)
+                               for d in self.discovery.new(active, taken, names)))
+
+    async def _add_domain(self, config: Config, domain: str, tick: int) -> None:
+        try:
+            m = await self._attach(config, discovered_config(domain), self.vms)
+        except HvError as exc:
+            self._refuse_domain(domain, str(exc))
+            return
+        try:
+            self._admit(config, self._entries([*self.vms, m]))
+        except AdmissionError as exc:
+            await self._detach([m])
+            self._refuse_domain(domain, str(exc))
+            return
+        m.discovered = True
+        self.vms.append(m)
+        if self._samplers_started:  # at start, run() starts every VM's sampler
+            self._start_sampler(m)
+        self.log.write("vm_added", vm=m.name, pid=m.pid, socket=m.vm.socket_path,
+                       found_tick=tick, policy_source=m.policy_source)
+        self.notify(f"{m.name}: libvirt domain found (pid {m.pid}); managed")
+
+    def _refuse_domain(self, domain: str, why: str) -> None:
+        self.discovery.refused[domain] = why
+        self.log.write("domain_refused", vm=domain, error=why)
+        self.notify(f"{domain}: libvirt domain not managed: {why}")
+
     # -- reload --------------------------------------------------------------------
     async def reload(self) -> None:
         """SIGHUP: the new configuration, validated as at start; a bad one changes nothing."""
@@ -733,6 +808,10 @@ class Daemon:
             current = {m.name: m for m in self.vms}
             known = {**{n: m.cfg for n, m in current.items()}, **self.waiting}
             wanted = {c.name: c for c in new.vms}
+            if new.libvirt.manage_all:  # found domains stay unless a [vm] takes the name
+                for m in current.values():
+                    if m.discovered and isinstance(m.vm, Domain):
+                        wanted.setdefault(m.name, discovered_config(m.vm.ref.domain))
             replaced = {n for n, c in wanted.items()
                         if n in known and self._socket_key(c) != self._socket_key(known[n])}
             keep = [m for n, m in current.items() if n in wanted and n not in replaced]
@@ -743,8 +822,9 @@ class Daemon:
                         added.append(await self._attach(new, cfg, keep + added))
                     except (VMGone, VMNotFound) as exc:
                         absent.append((cfg, exc))
-            limits = {m.name: self._max_of(new, wanted[m.name], m.vm) for m in keep}
-            self._admit(new, [(wanted[m.name], m.vm, limits[m.name]) for m in keep]
+            merged = {m.name: effective(wanted[m.name], m.vm) for m in keep}
+            limits = {m.name: self._max_of(new, merged[m.name][0], m.vm) for m in keep}
+            self._admit(new, [(merged[m.name][0], m.vm, limits[m.name]) for m in keep]
                         + self._entries(added))
         except HvError as exc:
             self.admission_refusals += isinstance(exc, AdmissionError)
@@ -760,13 +840,14 @@ class Daemon:
                                            STOP_TIMEOUT_S)
             await self._forget(m)
         for m in keep:
-            m.cfg, m.max_bytes = wanted[m.name], limits[m.name]
+            m.cfg, m.max_bytes = merged[m.name][0], limits[m.name]
+            m.policy_source = merged[m.name][1]
         self.waiting = {n: c for n, c in self.waiting.items() if n in wanted and n not in replaced}
         for m in added:
             self.vms.append(m)
             self._start_sampler(m)
-        for cfg, exc in absent:
-            self._wait_for(cfg, exc)
+        for cfg, why in absent:
+            self._wait_for(cfg, why)
         old_host, self.config = self.config.host, new
         if (new.host.managed_bytes, new.host.thresholds, new.host.hysteresis_pct) != (
                 old_host.managed_bytes, old_host.thresholds, old_host.hysteresis_pct):
@@ -780,6 +861,8 @@ class Daemon:
         return self.ctx
 
     def _socket_key(self, cfg: VMConfig) -> str:
+        if cfg.libvirt is not None:
+            return config_key(self._host_config(), cfg)
         return os.path.realpath(cfg.socket) if cfg.socket is not None else f"name:{cfg.name}"
 
     # -- stop ----------------------------------------------------------------------
@@ -788,6 +871,8 @@ class Daemon:
         if self._lock is None:
             return  # never started: nothing of ours to undo (another hv may own the files)
         tasks = [t for t in self._reattaching.values() if not t.done()]
+        if self._discovering is not None and not self._discovering.done():
+            tasks.append(self._discovering)
         for m in self.vms:
             tasks += [t for t in (m.sampler_task, m.job) if t is not None and not t.done()]
         for t in tasks:

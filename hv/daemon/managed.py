@@ -83,6 +83,8 @@ class ManagedVM:
     # "pause") and pages paged out; counters for the metrics.
     actions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ACTIONS, 0))
     paged_out_pages: int = 0
+    policy_source: dict[str, str] = field(default_factory=dict)  # min/max/shares -> where from
+    discovered: bool = False  # a libvirt domain managed by [libvirt] manage = "all"
 
     @property
     def name(self) -> str:

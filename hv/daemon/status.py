@@ -36,6 +36,8 @@ def vm_row(m: ManagedVM, sharing: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "socket": m.vm.socket_path, "pid": m.pid, "configured_bytes": info.ram_bytes,
         "max_bytes": m.max_bytes, "min_bytes": m.cfg.min_bytes, "shares": m.cfg.shares,
+        "policy": {"min_bytes": m.cfg.min_bytes, "max_bytes": m.max_bytes,
+                   "shares": m.cfg.shares, "source": m.policy_source},
         "target_bytes": m.target_bytes, "paused_by_hv": m.paused_by_hv,
         "active_fraction": est.active_fraction,
         "active": {"slow": est.slow, "fast": est.fast, "current": est.current,

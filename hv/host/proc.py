@@ -87,6 +87,26 @@ _SMAPS_FIELD_RE = re.compile(rb"^(Rss|Swap|AnonHugePages):\s+(\d+) kB", re.MULTI
 SMAPS_READ_BYTES = 64 * KiB
 
 
+def mergeable(pid: int, addr: int, vm_name: str = "") -> bool:
+    """Whether the VMA holding ``addr`` is open to KSM (``mg`` in its smaps VmFlags).
+
+    QEMU marks guest RAM MADV_MERGEABLE unless told not to (``mem-merge=off``, or
+    libvirt's ``<nosharepages/>``): an unmarked VM has opted out of page sharing.
+    """
+    inside = False
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            for line in f:
+                head = _SMAPS_HEADER_RE.match(line)
+                if head is not None:
+                    inside = int(head.group(1), 16) <= addr < int(head.group(2), 16)
+                elif inside and line.startswith(b"VmFlags:"):
+                    return b"mg" in line.split()[1:]
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise VMGone(vm_name or str(pid), f"process {pid} has exited") from exc
+    raise HostError(f"{vm_name or pid}: no mapping at {addr:#x} in /proc/{pid}/smaps")
+
+
 def range_usage(pid: int, start: int, length: int, vm_name: str = "") -> RangeUsage:
     """Sum ``Rss``, ``Swap`` and ``AnonHugePages`` of the VMAs overlapping [start, start+length).
 

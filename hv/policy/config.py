@@ -20,6 +20,15 @@ Example, with every default spelled out::
     shares = 1000                  # relative importance
     ksm = true                     # false: keep its RAM out of page sharing (KSM), live
 
+    [vm.db]
+    libvirt = "db"                 # a libvirt domain instead of a socket; uri = "..." optional
+    # min, max and shares may also come from the domain's XML <metadata> (hv.libvirt.domxml);
+    # where both give one, this file wins.  Defaults: min the balloon floor, max its memory.
+
+    [libvirt]
+    uri = "qemu:///system"         # default: $HV_LIBVIRT_URI, else qemu:///system
+    manage = "all"                 # also manage every running domain ("listed": only [vm] ones)
+
 The ``[host]`` defaults are the paper's (tax 0.75, 100 pages, 30 s, 6/4/2/1 %).
 Sizes are strings such as ``"512M"`` or whole numbers of bytes.  Every problem is
 one :class:`~hv.errors.ConfigError` line naming the file and the key, e.g.
@@ -53,6 +62,7 @@ __all__ = [
     "DEFAULT_IDLE_COLLECT_S",
     "HostConfig",
     "VMConfig",
+    "LibvirtConfig",
     "Config",
     "parse_config",
     "load_config",
@@ -96,7 +106,9 @@ _HOST_KEYS = frozenset(
      "hysteresis_pct", "poll_interval_s", "share_interval_s", "idle_collect_s"}
 )
 _THRESHOLD_KEYS = ("high", "soft", "hard", "low")
-_VM_KEYS = frozenset({"socket", "min", "max", "shares", "ksm"})
+_VM_KEYS = frozenset({"socket", "libvirt", "uri", "min", "max", "shares", "ksm"})
+_LIBVIRT_KEYS = frozenset({"uri", "manage"})
+_MANAGE = ("listed", "all")
 
 
 @dataclass(frozen=True)
@@ -119,8 +131,10 @@ class VMConfig:
     """One ``[vm.NAME]`` table.
 
     ``socket`` None means hv launches the VM; ``max_bytes`` None (allowed only with
-    a socket) means the attached VM's own memory size, which the caller learns from
-    the VM.
+    a socket or a libvirt domain) means the attached VM's own memory size, which the
+    caller learns from the VM.  ``libvirt`` names a libvirt domain (at ``uri``, else
+    ``[libvirt] uri``); ``given`` says which of min, max and shares this file set, the
+    others may come from the domain's XML metadata (0 and defaults stand in until then).
     """
 
     name: str
@@ -129,6 +143,17 @@ class VMConfig:
     shares: int = DEFAULT_SHARES
     socket: str | None = None
     ksm: bool = True  # False: the VM opts out of page sharing (side channels across tenants)
+    libvirt: str | None = None
+    uri: str | None = None
+    given: frozenset[str] = frozenset({"min", "max", "shares"})
+
+
+@dataclass(frozen=True)
+class LibvirtConfig:
+    """The ``[libvirt]`` table: the default URI, and whether every running domain is managed."""
+
+    uri: str | None = None
+    manage_all: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,6 +163,7 @@ class Config:
     host: HostConfig
     vms: tuple[VMConfig, ...] = ()
     source: str = "<config>"
+    libvirt: LibvirtConfig = LibvirtConfig()
 
     def vm(self, name: str) -> VMConfig:
         """The VM called ``name``; a :class:`UsageError` if there is none."""
@@ -244,22 +270,29 @@ def parse_config(
         doc = tomllib.loads(text)
     except ValueError as exc:  # TOMLDecodeError, or an integer of over 4300 digits
         raise ConfigError(f"{source_name}: not valid TOML: {exc}") from exc
-    top = _Reader(source_name, "", doc, frozenset({"host", "vm"}))
+    top = _Reader(source_name, "", doc, frozenset({"host", "vm", "libvirt"}))
     host = _parse_host(source_name, top.table_of("host"), host_memory_bytes)
+    lv = _Reader(source_name, "libvirt.", top.table_of("libvirt"), _LIBVIRT_KEYS)
+    manage = lv.string("manage") or "listed"
+    if manage not in _MANAGE:
+        lv.fail("manage", f"must be \"all\" or \"listed\", not {manage!r}")
+    libvirt = LibvirtConfig(lv.string("uri"), manage == "all")
     vm_tables = top.table_of("vm")
     vms: list[VMConfig] = []
     sockets: dict[str, str] = {}
     for name, table in vm_tables.items():
         vm = _parse_vm(source_name, name, table, base_dir)
-        if vm.socket is not None:
-            if vm.socket in sockets:
+        key, where = ((f"{vm.libvirt} at {vm.uri or libvirt.uri or 'the default URI'}", "libvirt")
+                      if vm.libvirt is not None else (vm.socket, "socket"))
+        if key is not None:
+            if key in sockets:
                 raise ConfigError(
-                    f"{source_name}: vm.{name}.socket: {vm.socket} is already the socket "
-                    f"of vm.{sockets[vm.socket]}"
+                    f"{source_name}: vm.{name}.{where}: {key} is already the {where} "
+                    f"of vm.{sockets[key]}"
                 )
-            sockets[vm.socket] = name
+            sockets[key] = name
         vms.append(vm)
-    return Config(host=host, vms=tuple(vms), source=source_name)
+    return Config(host=host, vms=tuple(vms), source=source_name, libvirt=libvirt)
 
 
 def _parse_host(source: str, table: Mapping[str, Any], host_memory_bytes: int) -> HostConfig:
@@ -335,16 +368,24 @@ def _parse_vm(source: str, name: str, table: object, base_dir: str | Path | None
     socket = r.string("socket")
     if socket is not None and base_dir is not None:
         socket = str(Path(base_dir) / socket)
+    domain = r.string("libvirt")
+    uri = r.string("uri")
+    if domain is not None and socket is not None:
+        r.fail("libvirt", "a VM is either a libvirt domain or a QMP socket, not both")
+    if uri is not None and domain is None:
+        r.fail("uri", "applies to a libvirt domain only (give libvirt = \"DOMAIN\")")
+    if domain is not None and ("/" in domain or any(c.isspace() for c in domain)):
+        r.fail("libvirt", f"bad domain name {domain!r} (no '/' or spaces)")
     min_bytes = r.size("min")
-    if min_bytes is None:
+    if min_bytes is None and domain is None:
         r.fail("min", "is required (the memory guaranteed to this VM)")
     max_bytes = r.size("max")
-    if max_bytes is None and socket is None:
+    if max_bytes is None and socket is None and domain is None:
         r.fail("max", "is required for a VM hv launches (no socket given)")
     if max_bytes is not None:
         if max_bytes == 0:
             r.fail("max", "must be more than 0")
-        if min_bytes > max_bytes:
+        if min_bytes is not None and min_bytes > max_bytes:
             r.fail("min", f"{format_size(min_bytes)} is larger than max {format_size(max_bytes)}")
     shares = r.integer("shares", DEFAULT_SHARES)
     if shares <= 0:
@@ -352,8 +393,9 @@ def _parse_vm(source: str, name: str, table: object, base_dir: str | Path | None
     ksm = table.get("ksm", True)
     if not isinstance(ksm, bool):
         r.fail("ksm", f"must be true or false, not {_describe(ksm)}")
-    return VMConfig(name=name, min_bytes=min_bytes, max_bytes=max_bytes, shares=shares,
-                    socket=socket, ksm=ksm)
+    given = frozenset(k for k in ("min", "max", "shares") if k in table)
+    return VMConfig(name=name, min_bytes=min_bytes or 0, max_bytes=max_bytes, shares=shares,
+                    socket=socket, ksm=ksm, libvirt=domain, uri=uri, given=given)
 
 
 def load_config(path: str | Path, host_memory_bytes: int) -> Config:

@@ -139,7 +139,7 @@ class VM:
         """Connect over QMP and learn pid, accelerator, RAM size and location."""
         if self.state is not VMState.DETACHED:
             raise VMError(self.name, f"cannot attach a handle that is {self.state.value}")
-        await self._session.open()
+        await self._open()
         self.state = VMState.ATTACHED
         self._stats_interval_s = None
         try:
@@ -148,6 +148,10 @@ class VM:
             await self.detach()
             raise
         return self._info
+
+    async def _open(self) -> None:
+        """Connect to the VM (another backend connects its own way: hv.libvirt)."""
+        await self._session.open()
 
     async def detach(self) -> None:
         """Close the QMP connection; the VM keeps running."""

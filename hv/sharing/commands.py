@@ -106,11 +106,11 @@ def _daemon_targets(names: Sequence[str]) -> list[Target] | None:
     return out
 
 
-async def _targets(names: Sequence[str], cached: bool) -> list[Target]:
+async def _targets(names: Sequence[str], cached: bool, connect: str | None = None) -> list[Target]:
     """The VMs to report on, asked over QMP; for a report from the page-state files only
     (``cached``), from the running ``hv run``'s snapshot when it holds their QMP."""
     try:
-        async with open_targets(names) as targets:
+        async with open_targets(names, connect) as targets:
             return targets
     except QMPBusy:
         daemon_targets = _daemon_targets(names) if cached else None
@@ -126,14 +126,16 @@ async def cmd_share(args: argparse.Namespace) -> int:
         if args.vm or args.cached or (args.opt_out and args.opt_in):
             raise UsageError("--opt-out VM and --opt-in VM go alone")
         return await _opt(args.opt_out or args.opt_in, merge=bool(args.opt_in))
-    all_targets = await _targets(args.vm, args.cached)
+    all_targets = await _targets(args.vm, args.cached, getattr(args, "connect", None))
     if not all_targets:
         print("no VMs known to hv (launch some, or name QMP sockets)")
         return 0
     # An opted-out VM's pages are no part of what could be shared.
     targets = [t for t in all_targets if t.merge is not False]
     opted_out = [t.name for t in all_targets if t.merge is False]
-    if args.cached:
+    if not targets:
+        index = build_index([])
+    elif args.cached:
         index = _share_cached(targets)
     else:
         index = await asyncio.to_thread(_share_scan, targets, args.interval, args.replace_bad_state)
@@ -145,7 +147,8 @@ async def cmd_share(args: argparse.Namespace) -> int:
     else:
         print(format_index(index))
         for name in opted_out:
-            print(f"{name}: {optout.OPTED_OUT} (its RAM backend has merge=off): not scanned")
+            print(f"{name}: {optout.OPTED_OUT} (guest RAM not mergeable: merge=off on its "
+                  "memory backend, <nosharepages/> or mem-merge=off); not scanned")
     return 0
 
 
@@ -184,7 +187,8 @@ async def _opt(vm_arg: str, merge: bool) -> int:
 def register(subparsers: Any) -> None:
     s = subparsers.add_parser("share", help="content-based page sharing: what VMs could share "
                               "and what KSM has merged (scans now)")
-    s.add_argument("vm", nargs="*", help="VM names or QMP socket paths (default: all known)")
+    s.add_argument("vm", nargs="*", help="VM names, QMP socket paths or libvirt:DOMAIN "
+                   "(default: all known)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
                    help="pause between the two scans a VM needs when it has no page state yet "

@@ -13,13 +13,16 @@ fills scratch arrays; the file is only updated from a complete scan).
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from hv.errors import NativeError, VMError, VMGone
+from hv import backends
+from hv.errors import HvError, NativeError, VMError, VMGone
 from hv.host import native, proc
 from hv.qemu import launch as launcher
 from hv.qemu.vm import VM, RamRange, VMInfo
@@ -32,17 +35,25 @@ __all__ = ["Target", "check_qemu", "open_targets", "Scanner"]
 
 @dataclass(frozen=True)
 class Target:
-    """A VM to scan: its name, QMP socket, QEMU pid and where its RAM lives."""
+    """A VM to scan: its name, QMP socket, QEMU pid and where its RAM lives.
+
+    ``merge`` False: guest RAM is not open to KSM (no ``mg`` flag on its mapping: QOM
+    ``merge=off`` on its memory backend, ``mem-merge=off``, libvirt's ``<nosharepages/>``);
+    such a VM is kept out of scans and sharing estimates.
+    """
 
     name: str
     socket: str
     pid: int
     ram: tuple[RamRange, ...]
-    merge: bool | None = None  # its RAM open to KSM (backend merge); None: not asked
+    merge: bool | None = None  # its RAM open to KSM; None: not known
 
     @classmethod
     def from_info(cls, info: VMInfo) -> "Target":
-        return cls(info.name, info.socket, info.pid, info.ram)
+        merge: bool | None = None  # a QEMU that exited is reported by the scan itself
+        with contextlib.suppress(HvError):
+            merge = bool(info.ram) and proc.mergeable(info.pid, info.ram[0].hva, info.name)
+        return cls(info.name, info.socket, info.pid, info.ram, merge)
 
     @property
     def pages(self) -> int:
@@ -63,19 +74,16 @@ def check_qemu(name: str, pid: int) -> None:
 
 
 @asynccontextmanager
-async def open_targets(names: Sequence[str]) -> AsyncIterator[list[Target]]:
-    """Targets for VM names or QMP sockets (all known VMs if none are named)."""
-    pairs = [launcher.socket_of(n) for n in names] if names else launcher.known_vms()
+async def open_targets(names: Sequence[str], connect: str | None = None
+                       ) -> AsyncIterator[list[Target]]:
+    """Targets for VM names, QMP sockets or ``libvirt:DOMAIN`` (all known VMs if none
+    are named)."""
+    vms = ([backends.open_vm(n, connect) for n in names] if names
+           else [VM(n, s) for n, s in launcher.known_vms()])
     out = []
-    for name, sock in pairs:
-        async with VM(name, sock) as vm:
-            try:
-                merge: bool | None = await vm.merge()
-            except VMGone:
-                raise
-            except VMError:  # no backend hv can find: KSM state unknown
-                merge = None
-            out.append(dataclasses.replace(Target.from_info(vm.info), merge=merge))
+    for vm in vms:
+        async with vm:
+            out.append(Target.from_info(vm.info))
     yield out
 
 
