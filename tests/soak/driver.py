@@ -316,18 +316,10 @@ class Soak:
 
     # -- guests ---------------------------------------------------------------------
     def launch(self, g: Guest) -> int:
-        from hv.qemu import accel, launch
-
-        spec = launch.GuestSpec(name=g.name, mem_bytes=to_bytes(g.mem), workload=g.workload,
-                                params={k: str(v) for k, v in g.params.items()},
-                                accel=accel.choose().accel)
-
-        async def go() -> int:
-            vm = await launch.launch(spec)
-            pid = vm.info.pid
-            await vm.detach()
-            return pid
-        pid = asyncio.run(go())
+        """Launch through the tests' guest factory (the soak stops its guests itself)."""
+        from tests.conftest import Guests
+        params: dict[str, Any] = dict(g.params)
+        pid = int(Guests(self.run_dir).launch(g.name, g.mem, g.workload, **params)["pid"])
         self.pids[g.name] = pid
         return pid
 
