@@ -3,6 +3,7 @@ its vCPU threads' run-queue wait."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from collections.abc import Sequence
@@ -225,3 +226,22 @@ def meminfo() -> dict[str, int]:
             value = int(parts[0])
             out[key] = value * KiB if len(parts) > 1 and parts[1] == "kB" else value
     return out
+
+
+# glibc's mallopt parameter for the number of malloc arenas (malloc.h: M_ARENA_MAX).
+M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas for this process (call before starting threads).
+
+    By default each thread that allocates may get an arena of its own (up to 8 per
+    core), and memory freed there stays with the process: ``hv run``'s worker threads
+    (scans, sampling, page-out) grew it by ~60 MiB in 30 minutes.  False where the C
+    library has no ``mallopt`` (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False

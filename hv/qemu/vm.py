@@ -23,7 +23,7 @@ from hv.errors import QMPError, UsageError, VMError, VMGone
 from hv.host import proc
 from hv.qemu import answers
 from hv.qemu.qmp import QMPSession, Transcript
-from hv.units import MiB, format_size
+from hv.units import PAGE_SIZE, MiB, format_size
 
 # The safe floor for a balloon target, documented in README.md ("Balloon floor").
 FLOOR_MIN_BYTES = 96 * MiB  # Debian's cloud kernel hides ~40 MiB from MemTotal and uses ~25 MiB idle
@@ -32,6 +32,7 @@ HEADROOM_BYTES = 32 * MiB  # room above the guest's own use so inflation doesn't
 
 STATS_POLL_INTERVAL_S = 2  # the guest refreshes its statistics this often once enabled
 UINT64_MAX = 2**64 - 1  # QEMU's "no figure" for a guest statistic, as an unsigned field
+ADDRESS_SPACE_END = 2**57  # user space ends below 2^56 even with 5-level paging: past it, no host address
 
 
 class VMState(enum.Enum):
@@ -210,7 +211,11 @@ class VM:
                  for m in _RAMBLOCK_RE.finditer(await self._hmp("info ramblock"))}
         if block not in sizes:
             raise QMPError(self.name, f"cannot locate guest RAM: block {block!r} not in info ramblock")
-        return (RamRange(block, hva, sizes[block]),)
+        size = sizes[block]
+        if not (0 < size and hva % PAGE_SIZE == 0 and hva + size <= ADDRESS_SPACE_END):
+            raise answers.malformed(self.name, "human-monitor-command gpa2hva/info ramblock",
+                                    f"guest RAM {block!r} at 0x{hva:x}, size", size)
+        return (RamRange(block, hva, size),)
 
     async def _find_balloon(self) -> str | None:
         """QOM path of the virtio-balloon device, wherever it was plugged."""

@@ -66,10 +66,12 @@ class Target:
 
 def check_qemu(name: str, pid: int) -> None:
     """Refuse a pid that is not a running QEMU process."""
-    if not proc.alive(pid):
+    if proc.gone_or_exiting(pid):
         raise VMGone(name, f"process {pid} does not exist")
     other = proc.not_qemu(pid)
     if other is not None:
+        if proc.gone_or_exiting(pid):  # it exited while we looked
+            raise VMGone(name, f"process {pid} does not exist")
         raise VMError(name, f"process {pid} is not QEMU (it runs {other!r})")
 
 

@@ -75,14 +75,15 @@ VALID_HOST = {
     "thresholds_pct": thresholds(),
 }
 VALID_VM = {"socket": st.sampled_from(["/run/x/qmp.sock", "x.sock"]), "min": _size(64, 1024),
-            "max": _size(1024, 4096), "shares": st.integers(1, 10**6)}
+            "max": _size(1024, 4096), "shares": st.integers(1, 10**6), "ksm": st.booleans(),
+            "libvirt": st.sampled_from(["web", "db-1"]), "uri": st.just("qemu:///system")}
 assert set(VALID_HOST) == _HOST_KEYS and set(VALID_VM) == _VM_KEYS
 
 valid_documents = st.fixed_dictionaries({
     "host": st.fixed_dictionaries({}, optional=VALID_HOST),
     "vm": st.dictionaries(st.sampled_from(["web", "db", "a-b_1", "1st", "W9"]),
                           st.fixed_dictionaries({"min": VALID_VM["min"], "max": VALID_VM["max"]},
-                                                optional={k: VALID_VM[k] for k in ("socket", "shares")}),
+                                                optional={k: VALID_VM[k] for k in ("socket", "shares", "ksm")}),
                           max_size=3).map(lambda vms: {
         n: {**t, "socket": t["socket"].replace("x", n)} if "socket" in t else t
         for n, t in vms.items()}),  # one socket per VM: two names for one socket are refused
