@@ -57,3 +57,22 @@ def test_bench_refuses_bad_input_in_one_line(run_dir: Path, state_dir: Path) -> 
         assert r.returncode == 2 and r.stderr.startswith("hv: error:"), (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not list(run_dir.glob("*/qemu.pid")), "nothing was launched"
+
+
+def test_bench_sharing_one_guest_hv_policy(run_dir: Path, state_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = hv_cli("bench", "sharing", "--vms", "1", "--policies", "hv", "--timeout", "90",
+               "--steady", "3", "--prefix", "bsh", "--out", str(out), timeout_s=240)
+    print(r.stdout[-2000:])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr  # 0: every policy converged
+    doc = json.loads((out / "sharing.json").read_text())
+    assert (out / "sharing.png").stat().st_size > 10_000
+    assert {"host", "config", "kernel_has_advisor", "runs"} <= doc.keys()
+    (run,) = doc["runs"]
+    assert (run["n"], run["policy"], run["converged"]) == (1, "hv", True)
+    # The shape: KSM merged at least 90% of what hv's scan says could be merged, and what
+    # hv calls realized is merged less KSM's bookkeeping (never more than merged).
+    assert run["merged_pages"] >= 0.9 * run["potential_pages"] > 0
+    assert 0 < run["realized_pages"] <= run["merged_pages"]
+    assert {"zero_mapped_pages", "general_profit_pages", "per_vm", "samples"} <= run.keys()
+    assert not list(run_dir.glob("*/qemu.pid")) and not list(run_dir.glob("*/qmp.sock"))
