@@ -15,7 +15,7 @@ from hv.policy import WorkingSetEstimator
 from hv.sharing import state as page_state
 from tests.conftest import hv_cli, wait_for
 from tests.faults.inject import fill_fs, small_tmpfs
-from tests.faults.runs import HOST, assert_no_traceback, start_hv, ticks_after
+from tests.faults.runs import HOST, assert_no_traceback, start_hv, ticks_after, wait_started
 from tests.functional.hvrun import (
     HvRun,
     assert_ksm_restored,
@@ -65,7 +65,8 @@ def test_state_dir_full(guests, host_swap, tmp_path, monkeypatch):  # type: igno
             **HOST, "managed": "550M", "sample_period_s": 2, "share_interval_s": 1}, {
             "fs1": {"socket": g1["socket"], "min": "96M", "max": "256M", "shares": 50},
             "fs2": {"socket": g2["socket"], **LIMITS}})
-        hv = HvRun(config, log, "--force-state-file", str(force))
+        # hv's stderr outside the full file system: notices must reach the operator.
+        hv = HvRun(config, log, "--force-state-file", str(force), stderr_dir=tmp_path)
         try:
             # 1. Nearly full: a page-state file (1.3 MiB per 256 MiB guest) does not fit.
             hv.wait_event("sample", 30, vm="fs1")
@@ -167,15 +168,16 @@ def test_corrupt_state_files(guests, host_swap, state_dir, tmp_path):  # type: i
     assert "busy" in shown.stderr or "greet" in shown.stderr, shown.stderr
     assert "hv run" not in shown.stderr, shown.stderr
 
+    t0 = time.time()
     hv = start_hv(tmp_path, host, vms)
     try:
-        started = hv.wait_event("start", 30)
+        started = wait_started(hv, t0)
         for n in vms:
-            wait_for(lambda: [e for e in hv.events("sample", vm=n) if e["ts"] > started["ts"]],
+            wait_for(lambda: [e for e in hv.events("sample", vm=n) if e["ts"] > started],
                      30, f"a new sample of {n}")
-        wait_for(lambda: [e for e in hv.events("share") if e["ts"] > started["ts"]], 30,
+        wait_for(lambda: [e for e in hv.events("share") if e["ts"] > started], 30,
                  "a sharing round")
-        assert not [e for e in hv.events("estimator_loaded") if e["ts"] >= started["ts"]]
+        assert not [e for e in hv.events("estimator_loaded") if e["ts"] >= started]
         err = hv.stderr()
         for path in (est1, est2):
             lines = [ln for ln in err.splitlines() if str(path) in ln]
