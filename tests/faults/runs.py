@@ -28,6 +28,15 @@ def start_hv(tmp_path: Path, host: dict[str, Any], vms: dict[str, dict[str, Any]
     return HvRun(config, log or tmp_path / "events.jsonl", *extra)
 
 
+def wait_started(hv: HvRun, since_ts: float, timeout_s: float = 30) -> float:
+    """Wait for the ``start`` line of this run (logged after ``since_ts``); its time."""
+    def found() -> float | None:
+        hv.check_alive()
+        got = [e["ts"] for e in hv.events("start") if e["ts"] > since_ts]
+        return got[-1] if got else None
+    return wait_for(found, timeout_s, "hv run to start")  # type: ignore[no-any-return]
+
+
 def ticks_after(hv: HvRun, vm: str, ts: float, count: int, timeout_s: float = 30) -> list[dict[str, Any]]:
     """Wait for ``count`` ticks of ``vm`` logged after ``ts``."""
     def found() -> list[dict[str, Any]] | None:

@@ -14,7 +14,7 @@ import pytest
 from hv.eventlog import read_events
 from hv.policy import WorkingSetEstimator
 from tests.conftest import wait_for
-from tests.faults.runs import HOST, assert_no_traceback, ticks_after
+from tests.faults.runs import HOST, assert_no_traceback, ticks_after, wait_started
 from tests.functional.hvrun import (
     HvRun,
     guardian_pids,
@@ -81,9 +81,10 @@ def test_hv_killed_20_times(guests, host_swap, state_dir, tmp_path):  # type: ig
 
     # A last run, stopped cleanly: both VMs ticked, running and not paused by hv.
     force.write_text("high")
+    t0 = time.time()
     hv = HvRun(config, log, "--force-state-file", str(force))
     try:
-        started = hv.wait_event("start", 30)["ts"]
+        started = wait_started(hv, t0)
         for name in ("hk1", "hk2"):
             wait_for(lambda: [t for t in ticks_after(hv, name, started, count=1)
                               if t["run_state"] == "running" and not t["paused_by_hv"]],

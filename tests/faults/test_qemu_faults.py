@@ -192,8 +192,8 @@ def test_qmp_socket_closed(guests, host_swap, state_dir, tmp_path):  # type: ign
     keep = sock + ".keep"
     force = tmp_path / "force"
     force.write_text("")
-    # A 350 MiB pool: high, and in forced low qc (short of shares) is paused.
-    hv = start_hv(tmp_path, {"managed": "350M"}, {
+    # A 400 MiB pool: high, and in forced low qc (short of shares) is paused.
+    hv = start_hv(tmp_path, {"managed": "400M"}, {
         "qc": {"socket": sock, **VICTIM}, "qo": {"socket": other["socket"], **BYSTANDER}},
         "--force-state-file", str(force))
     try:
@@ -218,7 +218,8 @@ def test_qmp_socket_closed(guests, host_swap, state_dir, tmp_path):  # type: ign
         # 3. Paused by hv (forced low), then the connection drops: after re-attaching,
         # the VM is still hv's to resume, and is resumed once the state allows.
         force.write_text("low")
-        hv.wait_event("pause", 30, vm="qc")
+        wait_for(lambda: [e for e in hv.events("pause", vm="qc") if e["ts"] > back["ts"]],
+                 30, "hv to pause qc")
         assert "qc" in guard_paused(state_dir)
         assert shut_qmp_connection(vm["pid"], sock) == 1
         back2 = wait_for(lambda: [e for e in hv.events("vm_reattached", vm="qc")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from hv.policy import WorkingSetEstimator
 from hv.sharing import state as page_state
 from tests.conftest import hv_cli, wait_for
 from tests.faults.inject import fill_fs, small_tmpfs
-from tests.faults.runs import HOST, assert_no_traceback, start_hv, ticks_after
+from tests.faults.runs import HOST, assert_no_traceback, start_hv, ticks_after, wait_started
 from tests.functional.hvrun import (
     HvRun,
     assert_ksm_restored,
@@ -30,28 +29,27 @@ pytestmark = pytest.mark.guest
 LIMITS = {"min": "128M", "max": "256M"}
 
 
-def _console_memtotal_kib(guest: dict[str, object]) -> int:
-    """The guest's own MemTotal from its last console report (a balloon shrinks it)."""
-    found = re.findall(r"event=report .*memtotal_kib=(\d+)", Path(str(guest["console"])).read_text())
-    return int(found[-1]) if found else 0
+def _console_reports(guest: dict[str, object]) -> int:
+    """How many reports the guest printed on its console (a paused guest prints none)."""
+    return Path(str(guest["console"])).read_text(errors="replace").count("event=report")
 
 
 def test_state_dir_full(guests, host_swap, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     """The state directory on a file system that is nearly full at start, then full, then
     has room again (a 4 MiB tmpfs as HV_STATE_DIR; the event log in it, its default place).
 
-    Promise: hv starts and keeps managing its VMs throughout (a balloon asked while the
-    disk is full still happens); what it cannot write it reports once, on stderr and in
-    the event log once it can write again (how many events were lost), never as a crash
-    or a torn file: the last good status and estimates stay readable; a VM is never
-    paused without the guard record that lets the guardian resume it; a page-state file
-    that does not fit is refused, not mapped over holes (no SIGBUS).  Once there is room
-    again, status, estimates and sharing resume; at stop KSM is restored, the guard file
-    removed, and nothing is left mounted.
+    Promise: hv starts and keeps running and deciding throughout; what it cannot write it
+    reports once per file on stderr, and in the event log once it can write again (how
+    many events were lost), never as a crash or a torn file: the last good status and
+    estimates stay readable; a VM is never paused without the guard record that lets the
+    guardian resume it (the pause is refused and said, the guest keeps running); a
+    page-state file that does not fit is refused, not mapped over holes (no SIGBUS).
+    Once there is room again, the pause happens, status and sharing resume; at stop KSM
+    is restored, the guard file removed, no temporary file left, nothing left mounted.
     """
-    g1 = guests.launch("fs1", mem="256M", workload="hog", hog_mib=150, hog_hold_s=-1)
+    g1 = guests.launch("fs1", mem="256M", workload="toucher", alloc_mib=100, ws=100)
     g2 = guests.launch("fs2", mem="256M")
-    guests.wait_event(g1, "hog_touched", timeout_s=60)
+    guests.wait_event(g1, "toucher_filled", timeout_s=60)
     ksm_before = ksm_snapshot()
     force = tmp_path / "force"
     force.write_text("")
@@ -61,45 +59,46 @@ def test_state_dir_full(guests, host_swap, tmp_path, monkeypatch):  # type: igno
         os.truncate(filler, filler.stat().st_size - 512 * 1024)  # 512 KiB left: JSON fits
         log = sd / "daemon" / "events.jsonl"
         config = write_config(tmp_path / "hv.toml", {
-            # A 550 MiB pool: high, but short of both maxima, so forced soft balloons fs1.
-            **HOST, "managed": "550M", "sample_period_s": 2, "share_interval_s": 1}, {
+            # A 400 MiB pool: high; in forced low fs1 (short of shares) is paused.
+            **HOST, "managed": "400M", "sample_period_s": 2, "share_interval_s": 1}, {
             "fs1": {"socket": g1["socket"], "min": "96M", "max": "256M", "shares": 50},
             "fs2": {"socket": g2["socket"], **LIMITS}})
-        hv = HvRun(config, log, "--force-state-file", str(force))
+        # hv's stderr outside the full file system: notices must reach the operator.
+        hv = HvRun(config, log, "--force-state-file", str(force), stderr_dir=tmp_path)
         try:
             # 1. Nearly full: a page-state file (1.3 MiB per 256 MiB guest) does not fit.
             hv.wait_event("sample", 30, vm="fs1")
             failed = hv.wait_event("share_failed", 30)
             assert "fs1.pages" in failed["error"] or "fs2.pages" in failed["error"], failed
-            # 2. Full: hv goes on.  A balloon asked now still happens (seen from the guest),
-            # and a pause is not done without its guard record.
+            # 2. Full: hv goes on, says what it cannot write, and refuses to pause fs1
+            # without a guard record: the guest keeps running.
             fill_fs(sd)
             full_ts = time.time()
-            status_before = json.loads((sd / "daemon" / "status.json").read_text())
-            force.write_text("soft")
-            before_kib = _console_memtotal_kib(g1)
-            wait_for(lambda: _console_memtotal_kib(g1) < before_kib - 16 * 1024, 60,
-                     "fs1's balloon to inflate while the disk is full")
+            force.write_text("low")
+            wait_for(lambda: "cannot write the guard file" in hv.stderr(), 30,
+                     "hv to refuse a pause it cannot record")
+            reports = _console_reports(g1)
+            wait_for(lambda: _console_reports(g1) >= reports + 2, 20, "fs1 to keep running")
             hv.check_alive()
-            wait_for(lambda: "cannot write" in hv.stderr(), 20, "hv to report the full disk")
             # The last good files are still whole.
             assert json.loads((sd / "daemon" / "status.json").read_text())["pid"] == hv.proc.pid
-            assert status_before["pid"] == hv.proc.pid
             est = json.loads((sd / "vms" / "fs1" / "estimator.json").read_text())
             WorkingSetEstimator.from_dict(est["estimator"])
-            force.write_text("low")
-            wait_for(lambda: "guard" in hv.stderr(), 20, "hv to refuse a pause it cannot record")
-            hv.check_alive()
-            # 3. Room again: the log says what it lost, status and sharing resume.
-            force.write_text("high")
+            # 3. Room again: the log says what it lost, the pause happens (recorded),
+            # status and sharing resume.
             filler.unlink()
             gap = hv.wait_event("log_gap", 30)
             assert gap["lost"] > 0 and gap["ts"] > full_ts
-            ticks_after(hv, "fs1", gap["ts"], count=2)
+            wait_for(lambda: [e for e in hv.events("pause", vm="fs1") if e["ts"] >= gap["ts"]],
+                     30, "hv to pause fs1 once it can record it")
+            assert not [e for e in hv.events("pause") if e["ts"] < gap["ts"]]
+            assert "fs1" in json.loads((sd / "daemon" / "guard.json").read_text())["paused"]
             wait_for(lambda: json.loads((sd / "daemon" / "status.json").read_text())["time"]
                      > gap["ts"], 20, "a fresh status.json")
             wait_for(lambda: [e for e in hv.events("share") if e["ts"] > gap["ts"]], 60,
                      "a sharing round once there is room")
+            force.write_text("high")
+            hv.wait_event("resume", 30, vm="fs1")
             notices = [ln for ln in hv.stderr().splitlines() if "cannot write" in ln]
             assert len(notices) == len(set(notices)), notices  # once each, not per tick
         finally:
@@ -167,15 +166,16 @@ def test_corrupt_state_files(guests, host_swap, state_dir, tmp_path):  # type: i
     assert "busy" in shown.stderr or "greet" in shown.stderr, shown.stderr
     assert "hv run" not in shown.stderr, shown.stderr
 
+    t0 = time.time()
     hv = start_hv(tmp_path, host, vms)
     try:
-        started = hv.wait_event("start", 30)
+        started = wait_started(hv, t0)
         for n in vms:
-            wait_for(lambda: [e for e in hv.events("sample", vm=n) if e["ts"] > started["ts"]],
+            wait_for(lambda: [e for e in hv.events("sample", vm=n) if e["ts"] > started],
                      30, f"a new sample of {n}")
-        wait_for(lambda: [e for e in hv.events("share") if e["ts"] > started["ts"]], 30,
+        wait_for(lambda: [e for e in hv.events("share") if e["ts"] > started], 30,
                  "a sharing round")
-        assert not [e for e in hv.events("estimator_loaded") if e["ts"] >= started["ts"]]
+        assert not [e for e in hv.events("estimator_loaded") if e["ts"] >= started]
         err = hv.stderr()
         for path in (est1, est2):
             lines = [ln for ln in err.splitlines() if str(path) in ln]

@@ -53,7 +53,7 @@ def _assert_suspended(hv: HvRun, vms: list[str], since_ts: float, reason: str) -
     found = {n: hv.wait_event("sampling_suspended", 30, vm=n) for n in vms}
     for n, e in found.items():
         assert e["ts"] > since_ts and reason in e["reason"], e
-    held = {n: _periods(hv, n) for n in vms}
+    held = {n: ticks_after(hv, n, found[n]["ts"], count=1)[0]["active"]["periods"] for n in vms}
     last = max(e["ts"] for e in found.values())
     for n in vms:
         ticks_after(hv, n, last + 6, count=1)  # managed meanwhile

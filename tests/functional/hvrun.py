@@ -89,9 +89,10 @@ def write_config(path: Path, host: dict[str, Any], vms: dict[str, dict[str, Any]
 class HvRun:
     """One `hv run` process and its event log."""
 
-    def __init__(self, config: Path, log: Path, *extra: str) -> None:
+    def __init__(self, config: Path, log: Path, *extra: str, stderr_dir: Path | None = None) -> None:
         self.log = log
-        self.stderr_path = log.with_suffix(f".{int(time.time() * 1000)}.stderr")
+        self.stderr_path = (stderr_dir / log.name if stderr_dir else log).with_suffix(
+            f".{int(time.time() * 1000)}.stderr")
         self._stderr = open(self.stderr_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hv.cli", "run", "--config", str(config), "--log", str(log),
