@@ -58,8 +58,8 @@ T = TypeVar("T")
 # byte counts by 1024 (swap too); hv's QMP backend keeps QEMU's raw figures, so these
 # are multiplied back to match.
 _KIB_STATS = {"total_bytes": "available", "free_bytes": "unused", "available_bytes": "usable",
-              "disk_caches_bytes": "disk_caches", "swap_in_pages": "swap_in",
-              "swap_out_pages": "swap_out"}
+              "disk_caches_bytes": "disk_caches", "swap_in_bytes": "swap_in",
+              "swap_out_bytes": "swap_out"}
 _COUNT_STATS = {"major_faults": "major_fault", "minor_faults": "minor_fault"}
 
 # QEMU's RAM layout never changes while the process lives: (pid, start time) -> ranges.

@@ -77,8 +77,8 @@ class GuestStats:
     free_bytes: int | None
     available_bytes: int | None
     disk_caches_bytes: int | None
-    swap_in_pages: int | None
-    swap_out_pages: int | None
+    swap_in_bytes: int | None
+    swap_out_bytes: int | None
     major_faults: int | None
     minor_faults: int | None
     age_s: float | None  # seconds since the guest last updated the figures
@@ -92,8 +92,8 @@ _STAT_KEYS = {
     "free_bytes": "stat-free-memory",
     "available_bytes": "stat-available-memory",
     "disk_caches_bytes": "stat-disk-caches",
-    "swap_in_pages": "stat-swap-in",
-    "swap_out_pages": "stat-swap-out",
+    "swap_in_bytes": "stat-swap-in",
+    "swap_out_bytes": "stat-swap-out",
     "major_faults": "stat-major-faults",
     "minor_faults": "stat-minor-faults",
 }

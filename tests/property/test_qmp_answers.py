@@ -136,7 +136,7 @@ def check_info(info: VMInfo) -> None:
 
 def check_stats(s: GuestStats) -> None:
     for name in ("total_bytes", "free_bytes", "available_bytes", "disk_caches_bytes",
-                 "swap_in_pages", "swap_out_pages", "major_faults", "minor_faults"):
+                 "swap_in_bytes", "swap_out_bytes", "major_faults", "minor_faults"):
         v = getattr(s, name)
         assert v is None or (isinstance(v, int) and 0 <= v < 2**64), (name, v)
     assert s.age_s is None or isinstance(s.age_s, float)
