@@ -475,8 +475,8 @@ class Daemon:
         text = f"{self.state}: {len(self.vms)} VMs managed" + (
             f", {len(self.waiting)} gone" if self.waiting else "")
         if self.ticks == 1:
+            self.log.write("ready", systemd=self.systemd.enabled)  # logged before it is said
             self.systemd.ready(text)
-            self.log.write("ready", systemd=self.systemd.enabled)
         elif text != self._systemd_status:
             self.systemd.status(text)
         self._systemd_status = text

@@ -57,14 +57,19 @@ def modes(root: Path) -> dict[str, int]:
 
 def test_state_and_run_files_are_private(guests: Guests, run_dir: Path, open_dir: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    state = open_dir / "state"  # created by hv
+    state = open_dir / "state"
+    (state / "daemon").mkdir(parents=True)  # as an older hv left them: hv tightens them
+    for d in (state, state / "daemon"):
+        d.chmod(0o755)
     monkeypatch.setenv("HV_STATE_DIR", str(state))
     g = guests.launch("perm", mem="256M")
     guests.wait_event(g, "ready", 90)
     before = ksm_snapshot()
     config = write_config(open_dir / "hv.toml", {"managed": "4G", "share_interval_s": 1},
                           {"perm": {"min": "256M", "max": "256M"}})
-    log = state / "daemon" / "events.jsonl"
+    logs = open_dir / "logs"  # an admin's folder, open to all: the event log itself is 0600
+    logs.mkdir(mode=0o755)
+    log = logs / "events.jsonl"
     old_umask = os.umask(0)  # hv's modes must not depend on the umask it inherits
     try:
         run = HvRun(config, log)
@@ -72,7 +77,7 @@ def test_state_and_run_files_are_private(guests: Guests, run_dir: Path, open_dir
         os.umask(old_umask)
     try:
         run.wait_event("share", 60)
-        wanted = {"daemon", "daemon/events.jsonl", "daemon/status.json", "daemon/guard.json",
+        wanted = {"daemon", "daemon/status.json", "daemon/guard.json",
                   "daemon/lock", "sharing", "sharing/perm.pages", "ksm-saved.json"}
         def all_there() -> dict[str, int] | None:
             m = modes(state)
@@ -83,6 +88,9 @@ def test_state_and_run_files_are_private(guests: Guests, run_dir: Path, open_dir
         for name, mode in found.items():
             is_dir = (state / name).is_dir()
             assert mode == (0o700 if is_dir else 0o600), f"{name}: {oct(mode)}"
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+        done = as_nobody("cat", str(log))
+        assert done.returncode != 0 and "Permission denied" in done.stderr
         assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
         assert stat.S_IMODE((run_dir / "perm").stat().st_mode) == 0o700
         assert stat.S_IMODE((run_dir / "perm" / "qmp.sock").stat().st_mode) == 0o600
