@@ -147,8 +147,8 @@ async def cmd_share(args: argparse.Namespace) -> int:
     else:
         print(format_index(index))
         for name in opted_out:
-            print(f"{name}: {optout.OPTED_OUT} (guest RAM not mergeable: merge=off on its "
-                  "memory backend, <nosharepages/> or mem-merge=off); not scanned")
+            print(f"{name}: {optout.OPTED_OUT} of page sharing (guest RAM not mergeable: merge=off "
+                  "on its memory backend, <nosharepages/> or mem-merge=off); not scanned")
     return 0
 
 
