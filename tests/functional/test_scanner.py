@@ -607,7 +607,10 @@ def test_readv_scans_leave_ksm_merges_of_real_guests(guests: Any, ksm_running: N
         sharing_pinned = ksm_counter("pages_sharing")
         print(f"control: pinning 256 KSM pages unmerged {unmerged}; pinning every present page: "
               f"pages_sharing {sharing_paused} -> {sharing_pinned} after 2 full passes")
-        assert sharing_pinned < sharing_paused - 2 * tolerance, "the pages_sharing check is blind"
+        # The check in 1 fails at a drop of one tolerance: a reader that unmerges must
+        # drop the counter past that (ksmd re-merging in the same visit makes the drop
+        # vary from run to run: 321 pages of 18779 in one, far more in others).
+        assert sharing_pinned < sharing_paused - tolerance, "the pages_sharing check is blind"
     finally:
         for g in launched:
             set_paused(g, False)
