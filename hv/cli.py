@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 from hv import __version__, backends, paths
-from hv.errors import HvError, QMPBusy, UsageError, VMError, VMGone
+from hv.errors import HvError, QMPBusy, UsageError
 from hv.qemu import accel as accel_mod
 from hv.qemu import launch as launcher
 from hv.qemu.vm import VM
@@ -100,19 +100,10 @@ async def _status_live(vm: VM) -> dict[str, Any]:
         row["host_resident_bytes"] = usage.rss_bytes
         row["host_swap_bytes"] = usage.swap_bytes
         row.update(backends.describe(vm, _daemon_row(name, info.socket)))
-        # QOM's answer where QEMU gives one, else what the kernel says of the mapping.
-        row["ksm"] = await _ksm_of(vm) or row["sharing"]
+        # What the kernel says of the guest-RAM mapping (QOM merge=off, mem-merge=off and
+        # <nosharepages/> all clear its mergeable flag): one reading, no QMP round trip.
+        row["ksm"] = row["sharing"]
         return row
-
-
-async def _ksm_of(vm: VM) -> str | None:
-    """Issue 9: "on", or "opted out" when its RAM backend has merge=off (None: unknown)."""
-    try:
-        return "on" if await vm.merge() else "opted out"
-    except VMGone:
-        raise
-    except VMError:
-        return None
 
 
 async def cmd_status(args: argparse.Namespace) -> int:

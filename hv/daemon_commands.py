@@ -23,8 +23,6 @@ from hv.eventlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EventLog
 from hv.errors import HvError, UsageError
 from hv.host import proc, swap
 from hv.policy import VMClock, WorkingSetEstimator
-from hv.qemu import launch as launcher
-from hv.qemu.vm import VM
 from hv.sampler import Sampler, check_can_sample, follow_vm_time
 from hv.units import format_size, parse_size
 

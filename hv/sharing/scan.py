@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
