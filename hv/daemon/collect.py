@@ -70,6 +70,7 @@ def _absorb(ctx: Context, m: ManagedVM, r: Reading) -> None:
     still = m.last_actual == r.balloon_bytes
     m.last_actual = r.balloon_bytes
     if problem is not None or g.total_bytes is None or g.age_s is None:
+        m.need.reset()
         m.need_bytes = None
         return
     size = info.ram_bytes if info.deflate_on_oom else r.balloon_bytes
@@ -79,11 +80,13 @@ def _absorb(ctx: Context, m: ManagedVM, r: Reading) -> None:
         m.report_at = reported_at
     hidden = m.hidden.bytes
     if hidden is None:
-        m.need_bytes = None
+        need = None
     elif info.deflate_on_oom:
-        m.need_bytes = guest_need_bytes(g, hidden, info.ram_bytes - r.balloon_bytes)
+        need = guest_need_bytes(g, hidden, info.ram_bytes - r.balloon_bytes)
     else:
-        m.need_bytes = guest_need_bytes(g, hidden)
+        need = guest_need_bytes(g, hidden)
+    m.need.add(reported_at, need)
+    m.need_bytes = m.need.settled_bytes
 
 
 async def collect(ctx: Context, m: ManagedVM) -> None:

@@ -528,9 +528,13 @@ class Daemon:
             want = optout.wanted(m.cfg.ksm, self._opt_choices.get(m.name), m.merge,
                                  m.merge_off_by_hv)
             if want is not None:
-                m.job = asyncio.create_task(set_merge(self.ctx, m, want))
+                m.job = asyncio.create_task(set_merge(self.ctx, m, want, self._left_sharing))
                 jobs.append(m.job)
         return jobs
+
+    def _left_sharing(self) -> None:
+        if self.sharing is not None:
+            self.sharing.sweep()
 
     def _due(self, m: ManagedVM, now_s: float) -> bool:
         """Whether ``m`` is read this tick: always while anything may need doing (a worse

@@ -198,6 +198,16 @@ class SharingService:
             budget_wait_s = spent / SCAN_CPU_BUDGET_CORES - (time.monotonic() - waited_from)
             await asyncio.sleep(max(0.0, budget_wait_s))
 
+    def sweep(self) -> None:
+        """A VM left sharing: the governor has ksmd walk everything once, from now."""
+        if self.governor is not None:
+            try:
+                self.governor.sweep()
+            except HvError as exc:
+                self.ctx.log.write("share_failed", error=str(exc))
+                return
+            self._wake.set()
+
     async def press(self, on: bool) -> None:
         """Raise (or lower) ksmd's rate for memory pressure, from the last table."""
         if on == self.pressure:
