@@ -57,6 +57,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from hv.errors import HostError
+
 MiB = 1024 * 1024
 
 # Lock 64 MiB at a time, then re-read MemAvailable: small enough that one step
@@ -131,7 +133,7 @@ class Level:
                 f"{self.available_bytes / MiB:.0f} MiB ({self.available_pct:.2f} %)")
 
 
-class LockerError(RuntimeError):
+class LockerError(HostError):
     """The holder process failed, refused a command, or stopped answering."""
 
 
