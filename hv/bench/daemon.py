@@ -69,6 +69,7 @@ class Daemon:
 
     def write_config(self, host: dict[str, Any], vms: dict[str, dict[str, Any]]) -> None:
         """Write the config file in one step (a reload never reads half of it)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
         lines = toml_table("host", host)
         for name, table in vms.items():
             lines += ["", *toml_table(f"vm.{name}", table)]
