@@ -158,7 +158,7 @@ class TaxResult:
     ticks: list[dict[str, Any]]      # hv's tick events, trimmed
     states: list[tuple[float, str]]  # hv's state changes (s since t0, state)
     passes: list[tuple[float, float, int]]  # (s since t0 seen, guest t_s, cumulative passes)
-    actions: dict[str, dict[str, int]] = field(default_factory=dict)
+    actions: dict[str, dict[str, int]] = field(default_factory=dict)  # per VM, and the daemon's
     summary: dict[str, Any] = field(default_factory=dict)
     plot: Path = Path()
     data: Path = Path()
@@ -283,7 +283,7 @@ async def _measure(cfg: TaxConfig, fleet: Fleet, hv: Daemon, locker: MemoryLocke
              f"the guests hold {held // MiB} MiB, hv's goal is {goal / MiB:.0f} MiB free")
     got = locker.set_level(level_pct)
     t0 = [time.time()]
-    lock = {"held_bytes": held, "goal_bytes": int(goal), "level_bytes": level,
+    lock: dict[str, Any] = {"held_bytes": held, "goal_bytes": int(goal), "level_bytes": level,
             "level_pct": round(level_pct, 3), "locked_bytes": got.locked_bytes,
             "available_bytes": got.available_bytes, "total_bytes": total}
     progress(f"pressure on: {got}; tax 0 for {cfg.half_s:.0f} s")
@@ -315,6 +315,8 @@ async def _measure(cfg: TaxConfig, fleet: Fleet, hv: Daemon, locker: MemoryLocke
               if e["ts"] >= t0[0] - 30]
     actions = {n: {a: sum(1 for e in hv.events(a, vm=n) if e["ts"] >= t0[0])
                    for a in ("balloon", "swap", "pause")} for n in names}
+    # One daemon throughout: the tax changed by reload, not by a restart.
+    actions["daemon"] = {"starts": len(hv.events("start")), "reloads": len(hv.events("reload"))}
     return TaxResult(report.jsonable(cfg), t0[0], round(switch_s, 2), round(end_s, 2), lock,
                      ticks, states, passes, actions)
 
