@@ -348,10 +348,10 @@ async def run(cfg: TaxConfig, progress: Progress = lambda s: None) -> TaxResult:
             await wait_event(cfg.idle_name, "hog_freed", FILL_TIMEOUT_S)
             await wait_event(cfg.active_name, "toucher_filled", FILL_TIMEOUT_S)
             progress("workloads in place: the idle guest freed its memory, the toucher filled")
-            async with Daemon(workdir / "hv", progress) as hv:
-                with MemoryLocker() as locker:
+            with MemoryLocker() as locker:  # released after hv run stopped
+                async with Daemon(workdir / "hv", progress) as hv:
                     result = await _measure(cfg, fleet, hv, locker, progress)
-                progress("pressure off")
+            progress("pressure off")
     finally:
         if made_swap is not None:
             try:
