@@ -159,6 +159,7 @@ class TaxResult:
     states: list[tuple[float, str]]  # hv's state changes (s since t0, state)
     passes: list[tuple[float, float, int]]  # (s since t0 seen, guest t_s, cumulative passes)
     actions: dict[str, dict[str, int]] = field(default_factory=dict)  # per VM, and the daemon's
+    swaps: list[dict[str, Any]] = field(default_factory=list)  # hv's page-outs: pages asked, invalidated
     summary: dict[str, Any] = field(default_factory=dict)
     plot: Path = Path()
     data: Path = Path()
@@ -315,10 +316,12 @@ async def _measure(cfg: TaxConfig, fleet: Fleet, hv: Daemon, locker: MemoryLocke
               if e["ts"] >= t0[0] - 30]
     actions = {n: {a: sum(1 for e in hv.events(a, vm=n) if e["ts"] >= t0[0])
                    for a in ("balloon", "swap", "pause")} for n in names}
+    swaps = [{"t_s": round(e["ts"] - t0[0], 2), "vm": e["vm"], "pages": e["pages"],
+              "invalidated": e["invalidated"]} for e in hv.events("swap") if e["ts"] >= t0[0]]
     # One daemon throughout: the tax changed by reload, not by a restart.
     actions["daemon"] = {"starts": len(hv.events("start")), "reloads": len(hv.events("reload"))}
     return TaxResult(report.jsonable(cfg), t0[0], round(switch_s, 2), round(end_s, 2), lock,
-                     ticks, states, passes, actions)
+                     ticks, states, passes, actions, swaps)
 
 
 def _need_swap_bytes(cfg: TaxConfig) -> int:
@@ -367,7 +370,8 @@ async def run(cfg: TaxConfig, progress: Progress = lambda s: None) -> TaxResult:
     report.write_json(result.data, {
         "config": result.config, "move_mib": MOVE_MIB, "summary": result.summary,
         "lock": result.lock, "switch_s": result.switch_s, "end_s": result.end_s,
-        "actions": result.actions, "states": result.states, "ticks": result.ticks,
+        "actions": result.actions, "swaps": result.swaps, "states": result.states,
+        "ticks": result.ticks,
         "passes": result.passes})
     save_plot(result)
     return result
