@@ -495,18 +495,26 @@ def save_plot(result: TaxResult) -> None:
         ticks = [t for t in result.ticks if t["vm"] == name]
         ts = [t["t_s"] for t in ticks]
         top.plot(ts, [(t["target_bytes"] or 0) / MiB for t in ticks], "--", color=color, lw=1.2,
-                 label=f"{label}: target")
+                 label=f"{label}: target (hv's allocation)")
         top.plot(ts, [t["resident_bytes"] / MiB for t in ticks], "-", color=color, lw=2,
-                 label=f"{label}: resident (its allocation)")
+                 label=f"{label}: resident (host memory held)")
         top.plot(ts, [t["balloon_bytes"] / MiB for t in ticks], ":", color=color, lw=1,
                  label=f"{label}: balloon (guest's memory)")
+    # hv's state (from its state events): shaded while it reclaims
+    changes = sorted(result.states) + [(result.end_s, "")]
+    for (start, state), (end, _) in zip(changes, changes[1:]):
+        if state not in ("", "high"):
+            for ax in (top, bottom):
+                ax.axvspan(max(start, 0.0), end, color="tab:orange", alpha=0.08, lw=0)
+    top.text(0, 0.01, "  shaded: hv in a reclaiming state (soft or worse)", fontsize=7,
+             transform=top.get_xaxis_transform())
     for ax in (top, bottom):
         ax.axvline(result.switch_s, color="black", lw=1)
         ax.axvline(0, color="grey", lw=0.5)
     top.text(result.switch_s, top.get_ylim()[1], f"  tax 0 → {cfg['tax_rate']:g}", va="top")
     top.set(ylabel="MiB", title=(f"Idle memory tax (cf. ESX Fig. 7): two {cfg['mem_bytes'] // MiB} MiB "
                                  f"VMs, equal shares, pool {cfg['pool_mib']} MiB under host pressure"))
-    top.legend(fontsize=7, loc="lower left", ncol=3)
+    top.legend(fontsize=7, loc="center right", ncol=2)
     r = rates(result.passes)
     bottom.plot([t for t, _ in r], [v for _, v in r], color="tab:red")
     bottom.set(xlabel="seconds since the host pressure began", ylim=(0, None),
