@@ -5,11 +5,13 @@ same run, writing JSON and a PNG (``docs/bench-*/`` holds committed runs):
 
 - :mod:`~hv.bench.sharing`   Figure 4: sharing against the number of VMs, per KSM policy
 - :mod:`~hv.bench.sampling`  Figure 6: working-set estimates against the true working set
+- :mod:`~hv.bench.tax`       Figure 7: the idle memory tax moves memory to the active VM
 
 Shared parts: :mod:`~hv.bench.fleet` (boot a fleet of guests, read their console
-events, always stop them) and :mod:`~hv.bench.report` (JSON, plots).  The commands
+events, always stop them), :mod:`~hv.bench.daemon` (an ``hv run`` with its config file
+and event log) and :mod:`~hv.bench.report` (JSON, plots).  The commands
 are in :mod:`~hv.bench.commands`.  The experiments use hv's library and commands and
 the daemon's published status; never the daemon's internals.
 """
 
-__all__ = ["fleet", "report", "sharing", "sampling", "commands"]
+__all__ = ["fleet", "daemon", "report", "sharing", "sampling", "tax", "commands"]

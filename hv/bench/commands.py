@@ -42,6 +42,10 @@ async def cmd_bench_sampling(args: argparse.Namespace) -> int:
     return await _run("sampling", args)
 
 
+async def cmd_bench_tax(args: argparse.Namespace) -> int:
+    return await _run("tax", args)
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="the paper's experiments on real guests")
     sub = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
@@ -57,3 +61,10 @@ def register(subparsers: Any) -> None:
                        "working set that grows, shrinks and grows again")
     sampling.add_arguments(b)
     b.set_defaults(func=cmd_bench_sampling)
+
+    from hv.bench import tax
+
+    b = sub.add_parser("tax", help="Figure 7: an idle and an active VM under host pressure; "
+                       "the idle memory tax (0, then 0.75 by reload) moves memory to the active one")
+    tax.add_arguments(b)
+    b.set_defaults(func=cmd_bench_tax)

@@ -76,3 +76,42 @@ def test_bench_sharing_one_guest_hv_policy(run_dir: Path, state_dir: Path, tmp_p
     assert 0 < run["realized_pages"] <= run["merged_pages"]
     assert {"zero_mapped_pages", "general_profit_pages", "per_vm", "samples"} <= run.keys()
     assert not list(run_dir.glob("*/qemu.pid")) and not list(run_dir.glob("*/qmp.sock"))
+
+
+def test_bench_tax_reload_moves_hvs_targets_to_the_active_vm(
+        run_dir: Path, state_dir: Path, tmp_path: Path) -> None:
+    """A short `hv bench tax` (20 s per tax rate): the real hv run, locker and reload."""
+    out = tmp_path / "out"
+    r = hv_cli("bench", "tax", "--half", "20", "--period", "5", "--prefix", "btx",
+               "--out", str(out), timeout_s=240)
+    print(r.stdout[-3000:])
+    assert r.returncode in (0, 3), r.stdout[-2000:] + r.stderr  # 3: a shape missed (judged below)
+    assert "Traceback" not in r.stderr
+    doc = json.loads((out / "tax.json").read_text())
+    assert (out / "tax.png").stat().st_size > 10_000
+    assert {"host", "config", "summary", "lock", "switch_s", "ticks", "passes", "actions"} <= doc.keys()
+    # One hv run throughout: the tax changed by SIGHUP, not by a restart.
+    assert doc["actions"]["daemon"] == {"starts": 1, "reloads": 1}
+    assert {t["vm"] for t in doc["ticks"]} == {"btx-idle", "btx-active"}
+    assert len(doc["passes"]) >= 20, "the toucher's passes were followed on its console"
+    assert all(t["state"] != "high" for t in doc["ticks"] if 5 < t["t_s"] < doc["switch_s"]), \
+        "the locker's pressure put hv in a reclaiming state"
+    before, after = doc["summary"]["before"], doc["summary"]["after"]
+    # The shape's policy half: with the tax, hv's allocation moved from the idle VM to
+    # the active one, and memory really left the idle VM.
+    assert after["active_target_mib"] >= before["active_target_mib"] + 64, doc["summary"]
+    assert after["idle_target_mib"] <= before["idle_target_mib"] - 64, doc["summary"]
+    assert after["idle_resident_mib"] <= before["idle_resident_mib"] - 64, doc["summary"]
+    assert (r.returncode == 0) == doc["summary"]["moved"]
+    # Every guest it started is stopped, and the swap it made is gone.
+    assert not list(run_dir.glob("*/qemu.pid")) and not list(run_dir.glob("*/qmp.sock"))
+    assert "hv-bench-tax-" not in Path("/proc/swaps").read_text()
+
+
+def test_bench_tax_refuses_bad_input_in_one_line(run_dir: Path, state_dir: Path) -> None:
+    for args in (["--ws", "5000"], ["--pool", "100"], ["--tax", "1"], ["--half", "10"],
+                 ["--min", "x"]):
+        r = hv_cli("bench", "tax", *args)
+        assert r.returncode == 2 and r.stderr.startswith("hv: error:"), (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not list(run_dir.glob("*/qemu.pid")), "nothing was launched"
