@@ -42,6 +42,10 @@ async def cmd_bench_sampling(args: argparse.Namespace) -> int:
     return await _run("sampling", args)
 
 
+async def cmd_bench_workloads(args: argparse.Namespace) -> int:
+    return await _run("workloads", args)
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="the paper's experiments on real guests")
     sub = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
@@ -57,3 +61,10 @@ def register(subparsers: Any) -> None:
                        "working set that grows, shrinks and grows again")
     sampling.add_arguments(b)
     b.set_defaults(func=cmd_bench_sampling)
+
+    from hv.bench import workloads
+
+    b = sub.add_parser("workloads", help="Figure 5: Debian guests running real services "
+                       "(web, database, cache, runtime) under load; shared, reclaimed, zero pages")
+    workloads.add_arguments(b)
+    b.set_defaults(func=cmd_bench_workloads)
