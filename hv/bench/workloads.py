@@ -51,7 +51,7 @@ from hv.sharing.index import SharingIndex, VmSharing
 from hv.sharing.scan import Scanner, Target
 from hv.units import MiB, PAGE_SIZE, parse_size, table
 
-__all__ = ["SERVICES", "WorkloadsConfig", "Row", "WorkloadsResult", "add_arguments",
+__all__ = ["SERVICES", "PaperRow", "WorkloadsConfig", "Row", "WorkloadsResult", "add_arguments",
            "config_from_args", "run", "format_result", "row_of", "total_row", "missing",
            "PAPER"]
 
@@ -59,14 +59,19 @@ SERVICES = ("nginx", "postgresql", "redis", "python")
 RECONCILE_FRACTION = 0.02  # the bar: hv's realized within 2% of general_profit
 IMAGE_FILES = ("debian.ext4", "debian-initrd.cpio.gz")
 
+@dataclass(frozen=True)
+class PaperRow:
+    name: str
+    total_mb: int
+    shared_mb: int
+    reclaimed_mb: int
+
+
 # The paper's Figure 5 (Waldspurger, OSDI 2002): production deployments of ESX Server.
 PAPER = (
-    {"name": "A: 10 Windows NT VMs (databases, web, development)", "total_mb": 2048,
-     "shared_mb": 880, "reclaimed_mb": 673},
-    {"name": "B: 9 Linux VMs (web: Apache; mail)", "total_mb": 1846,
-     "shared_mb": 539, "reclaimed_mb": 345},
-    {"name": "C: 5 Linux VMs (web proxy: Squid; mail; remote access)", "total_mb": 1658,
-     "shared_mb": 165, "reclaimed_mb": 120},
+    PaperRow("A: 10 Windows NT VMs (databases, web, development)", 2048, 880, 673),
+    PaperRow("B: 9 Linux VMs (web: Apache; mail)", 1846, 539, 345),
+    PaperRow("C: 5 Linux VMs (web proxy: Squid; mail; remote access)", 1658, 165, 120),
 )
 
 
@@ -383,7 +388,7 @@ async def run(cfg: WorkloadsConfig, progress: Progress = lambda s: None) -> Work
                              missing(rows, gap, m["disturbed"]), plot, data, m["elapsed"],
                              m["ksmd_cpu"], m["scan_cpu"])
     report.write_json(data, {
-        "config": result.config, "paper": PAPER,
+        "config": result.config, "paper": report.jsonable(PAPER),
         "rows": [{**report.jsonable(r), "zero_share": r.zero_share} for r in rows],
         "total": {**report.jsonable(total), "zero_share": total.zero_share},
         "general_profit_pages": m["profit"], "reconcile_gap": gap,
@@ -413,9 +418,8 @@ def format_result(result: WorkloadsResult) -> str:
     text = table(lines, ["WORKLOAD", "TOTAL-MiB", "PRESENT-MiB", "SHARED-MiB", "SHARED-%",
                          "RECLAIMED-MiB", "RECLAIMED-%", "ZERO-%SHARED", "INTRA-DUP-MiB",
                          "INTER-DUP-MiB", "LOAD-OPS/S"])
-    paper = table([[p["name"], p["total_mb"], p["shared_mb"],
-                    _pct(p["shared_mb"], p["total_mb"]), p["reclaimed_mb"],
-                    _pct(p["reclaimed_mb"], p["total_mb"])] for p in PAPER],
+    paper = table([[p.name, p.total_mb, p.shared_mb, _pct(p.shared_mb, p.total_mb),
+                    p.reclaimed_mb, _pct(p.reclaimed_mb, p.total_mb)] for p in PAPER],
                   ["PAPER (ESX, Fig. 5)", "TOTAL-MB", "SHARED-MB", "SHARED-%", "RECLAIMED-MB",
                    "RECLAIMED-%"])
     gap = result.reconcile_gap
@@ -450,10 +454,10 @@ def save_plot(result: WorkloadsResult) -> None:
     a.legend(fontsize=8)
     # (b) beside the paper: shared and reclaimed as % of total memory
     b = ax[1]
-    labels = [p["name"].split(":")[0] + " (ESX)" for p in PAPER] + names
-    shared = ([100 * p["shared_mb"] / p["total_mb"] for p in PAPER]
+    labels = [p.name.split(":")[0] + " (ESX)" for p in PAPER] + names
+    shared = ([100 * p.shared_mb / p.total_mb for p in PAPER]
               + [100 * r.shared_pages / r.total_pages for r in rows])
-    recl = ([100 * p["reclaimed_mb"] / p["total_mb"] for p in PAPER]
+    recl = ([100 * p.reclaimed_mb / p.total_mb for p in PAPER]
             + [100 * r.reclaimed_pages / r.total_pages for r in rows])
     xs = range(len(labels))
     b.bar([i - 0.2 for i in xs], shared, 0.4, label="shared, % of total", color="#4c72b0")

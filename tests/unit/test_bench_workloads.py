@@ -4,6 +4,8 @@ index, the load's operation count, what makes a run incomplete, and the report."
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,86 @@ def test_the_report_sets_the_table_beside_the_papers(tmp_path: Path) -> None:
     assert not res.complete
     workloads.save_plot(res)
     assert (tmp_path / "w.png").stat().st_size > 10_000
+
+
+# -- the loop on stand-ins: which services came up, when the load window ends, cleanup ----
+class FakeFleet:
+    """Stands in for Fleet: records that the guests were stopped."""
+
+    stopped = False
+
+    def __init__(self, plans: list, progress: object) -> None:
+        from hv.qemu.vm import VMInfo
+
+        self.vms = [VMInfo(p.name, "", 1, "tcg", TOTAL * PAGE_SIZE, (), None, False)
+                    for p in plans]
+
+    async def __aenter__(self) -> "FakeFleet":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        FakeFleet.stopped = True
+
+
+class FakeScanner:
+    profit_file: Path  # KSM's general_profit, kept in step with the fake's merges
+
+    def __init__(self, targets: list, replace_foreign: bool = False) -> None:
+        self.names = [t.name for t in targets]
+        self.scans, self.scan_cpu_s, self.closed = 0, 0.0, False
+
+    def scan_all(self) -> SharingIndex:
+        self.scans += 1
+        rows = tuple(vm(n, present=50_000, ksm_pages=1_000 * self.scans, ksm_zero=100,
+                        realized=500.0 * self.scans) for n in self.names)
+        total = int(sum(r.realized_savings_pages for r in rows))
+        self.profit_file.write_text(f"{total * PAGE_SIZE}\n")
+        return SharingIndex(rows, 0, 0, total, total, total)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_run_waits_for_every_service_then_loads_and_puts_ksm_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hv.host.ksm import Ksm
+    from hv.host.sysfs import Sysfs
+
+    root = tmp_path / "ksm"
+    root.mkdir()
+    for name, value in {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20",
+                        "use_zero_pages": "0", "pages_sharing": "0", "pages_scanned": "0",
+                        "full_scans": "0", "general_profit": str(1_000_000)}.items():
+        (root / name).write_text(value + "\n")
+    monkeypatch.setattr(workloads, "Ksm", lambda: Ksm(Sysfs(), root=str(root),
+                                                      saved_file=tmp_path / "saved.json"))
+    monkeypatch.setattr(workloads, "Fleet", FakeFleet)
+    monkeypatch.setattr(workloads, "Scanner", FakeScanner)
+    monkeypatch.setattr(FakeScanner, "profit_file", root / "general_profit", raising=False)
+    monkeypatch.setattr(workloads.Target, "from_info", staticmethod(lambda info: info))
+    monkeypatch.setattr(workloads, "unmerge", lambda ksm: None)
+    monkeypatch.setattr(workloads, "refuse_if_daemon", lambda what: None)
+    # nginx comes up; postgresql fails; the load lines say 10 ops a second.
+    console = {("wl-nginx", "service_ready"): [{"setup_s": "3"}],
+               ("wl-postgresql", "error"): [{"what": "service", "step": "pgbench_init"}],
+               ("wl-nginx", "service_load"): [{"t_s": str(t), "ops": str(10 * t)}
+                                              for t in range(0, 40, 10)]}
+    monkeypatch.setattr(workloads, "console_events",
+                        lambda name, event: console.get((name, event), []))
+    cfg = WorkloadsConfig(services=("nginx", "postgresql"), load_s=0.05, share_interval_s=0.01,
+                          out_dir=tmp_path / "out", image_dir=tmp_path)
+    lines: list[str] = []
+    res = asyncio.run(workloads.run(cfg, lines.append))
+    assert FakeFleet.stopped
+    assert (root / "run").read_text().strip() == "0" and not (tmp_path / "saved.json").exists()
+    assert [r.workload for r in res.rows] == ["nginx", "postgresql"]
+    nginx, pg = res.rows
+    # The load window is the guest's last load_s: from the report before t=29.95 (t=20).
+    assert (nginx.ops, nginx.ops_per_s, nginx.note) == (100, pytest.approx(10.0), "")
+    assert pg.note == "service failed at step pgbench_init" and pg.ops == 0
+    assert res.missed == ["postgresql: service failed at step pgbench_init"]
+    assert any("nginx: up at" in line for line in lines)
+    doc = json.loads(res.data.read_text())
+    assert {"host", "config", "paper", "rows", "total", "general_profit_pages",
+            "reconcile_gap", "samples", "missed"} <= doc.keys()
+    assert res.plot.stat().st_size > 10_000
