@@ -12,7 +12,7 @@ import pytest
 
 from hv.bench import workloads
 from hv.bench.workloads import (Row, WorkloadsConfig, WorkloadsResult, load_ops, missing,
-                                reconcile_gap, row_of, total_row)
+                                reconcile_gap, row_of, total_row, vm_profit_gap)
 from hv.errors import UsageError
 from hv.policy.config import DEFAULT_SHARE_INTERVAL_S
 from hv.sharing.index import SharingIndex, VmSharing
@@ -121,6 +121,13 @@ def test_incomplete_when_a_service_failed_the_accounts_disagree_or_ksm_was_touch
         "redis: no load ran", "postgresql: service failed at step pgbench_init"]
     assert "general_profit by 3.0%" in missing([ok], 0.03, [])[0]
     assert "another process changed KSM" in missing([ok], None, ["t=5s run 1 -> 0"])[0]
+    # Another process's merges are in general_profit but in no guest: not held against hv.
+    assert missing([ok], 0.03, [], others=[4242]) == []
+    assert "ksm_process_profit by 5.0%" in missing([ok], None, [], vm_gap=0.05)[0]
+    a = Row("a", "a", TOTAL, 1, 1, 0, 1.0, 990.0, 1, 0, 0, kernel_profit_pages=1000.0)
+    b = Row("b", "b", TOTAL, 1, 1, 0, 1.0, 1010.0, 1, 0, 0, kernel_profit_pages=1000.0)
+    assert vm_profit_gap([a, b]) == pytest.approx(0.01)
+    assert vm_profit_gap([ok]) is None  # no kernel figure
     index = SharingIndex((), 0, 0, 0, 0, 980)
     assert reconcile_gap(index, 1000.0) == pytest.approx(0.02)
     assert reconcile_gap(index, 0.0) is None
@@ -136,7 +143,8 @@ def test_the_report_sets_the_table_beside_the_papers(tmp_path: Path) -> None:
                 "vms": {"nginx": {"realized": 50.0 * t}, "python": {"realized": 50.0 * t}}}
                for t in range(0, 100, 10)]
     res = WorkloadsResult({}, rows, total_row(rows, index), 26_000.0,
-                          reconcile_gap(index, 26_000.0), samples, ["redis: no load ran"],
+                          reconcile_gap(index, 26_000.0), None, [], samples,
+                          ["redis: no load ran"],
                           tmp_path / "w.png", tmp_path / "w.json")
     text = workloads.format_result(res)
     # 512 MiB each; 19660 of 131072 pages shared is 15.0%, 13107 reclaimed 10.0%.
@@ -205,6 +213,7 @@ def test_the_run_waits_for_every_service_then_loads_and_puts_ksm_back(
     monkeypatch.setattr(workloads.Target, "from_info", staticmethod(lambda info: info))
     monkeypatch.setattr(workloads, "unmerge", lambda ksm: None)
     monkeypatch.setattr(workloads, "refuse_if_daemon", lambda what: None)
+    monkeypatch.setattr(workloads, "other_ksm_users", lambda mine: [])
     # nginx comes up; postgresql fails; the load lines say 10 ops a second.
     console = {("wl-nginx", "service_ready"): [{"setup_s": "3"}],
                ("wl-postgresql", "error"): [{"what": "service", "step": "pgbench_init"}],
