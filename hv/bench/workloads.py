@@ -307,11 +307,10 @@ def guest_name(cfg: WorkloadsConfig, service: str) -> str:
 
 
 def _service_state(name: str) -> tuple[bool, str]:
-    """(up, error) from a guest's console: service_ready seen; an event=error line."""
-    errors = console_events(name, "error")
+    """(up, error) from a guest's console: service_ready seen; hv-service's error line."""
+    errors = [e for e in console_events(name, "error") if e.get("what") == "service"]
     if errors:
-        e = errors[-1]
-        return False, f"service failed at step {e.get('step', e.get('what', '?'))}"
+        return False, f"service failed at step {errors[-1].get('step', '?')}"
     return bool(console_events(name, "service_ready")), ""
 
 
