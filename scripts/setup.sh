@@ -8,18 +8,23 @@
 #   - the guest image: $HV_CACHE_DIR/guest/initramfs.cpio.gz
 #   - with --with-debian, also a Debian guest (debootstrap minbase + systemd, booted from
 #     a virtio disk): $HV_CACHE_DIR/debian/{debian.ext4,debian-initrd.cpio.gz}
+#   - with --with-services, also the services variant of the Debian guest (nginx, PostgreSQL,
+#     Redis, Python 3 from Debian packages; for `hv bench workloads`):
+#     $HV_CACHE_DIR/debian-services/{debian.ext4,debian-initrd.cpio.gz}
 #   - with --with-libvirt, also libvirt (libvirt-daemon, libvirt-daemon-driver-qemu,
 #     libvirt-clients) and Debian's python3-libvirt, linked into the virtualenv;
 #     scripts/libvirtd.sh starts libvirtd where no service manager does
 set -euo pipefail
 
 with_debian=0
+with_services=0
 with_libvirt=0
 for arg in "$@"; do
     case "$arg" in
         --with-debian) with_debian=1 ;;
+        --with-services) with_services=1 ;;
         --with-libvirt) with_libvirt=1 ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "setup: error: unknown option $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -35,7 +40,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # 1. Debian packages ----------------------------------------------------------------
 packages=(qemu-system-x86 qemu-utils busybox-static libxxhash-dev xxhash cpio kmod gcc make
           libc6-dev python3 python3-venv python3-dev zstd xz-utils util-linux procps)
-[ "$with_debian" = 1 ] && packages+=(debootstrap e2fsprogs)
+[ "$with_debian" = 1 ] || [ "$with_services" = 1 ] && packages+=(debootstrap e2fsprogs)
 packages+=(chromium fonts-dejavu-core tmux)  # the dashboard and `hv top` tests
 [ "$with_libvirt" = 1 ] && packages+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
                                       python3-libvirt)
@@ -114,6 +119,21 @@ if [ "$with_debian" = 1 ]; then
         bash "$repo/guest_balloon/build_debian.sh" --kernel-root "$cache/kernel/current" \
              --out-dir "$deb" >"$cache/debian-build.log" 2>&1 \
             || { tail -20 "$cache/debian-build.log" >&2; die "building the Debian guest failed"; }
+    fi
+fi
+
+# 6. The services variant of the Debian guest (optional; `hv bench workloads`) ------------
+if [ "$with_services" = 1 ]; then
+    svc="$cache/debian-services"
+    if [ ! -f "$svc/debian.ext4" ] || [ ! -f "$svc/debian-initrd.cpio.gz" ] \
+       || [ -n "$(find "$repo/guest_balloon/build_services.sh" "$repo/guest_balloon/build_debian.sh" \
+                  "$repo/guest_balloon/init_debian" "$repo/guest_balloon/services" \
+                  -newer "$svc/debian.ext4" -type f 2>/dev/null | head -1)" ]; then
+        say "building the services guest in $svc (debootstrap and packages; minutes the first time)"
+        apt-cache policy 2>/dev/null | grep -q ' bookworm/main ' || apt-get update -qq
+        bash "$repo/guest_balloon/build_services.sh" --kernel-root "$cache/kernel/current" \
+             --out-dir "$svc" >"$cache/debian-services-build.log" 2>&1 \
+            || { tail -20 "$cache/debian-services-build.log" >&2; die "building the services guest failed"; }
     fi
 fi
 say "ready: $("$venv/bin/hv" --version); guest image $cache/guest/initramfs.cpio.gz"

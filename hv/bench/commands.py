@@ -46,6 +46,10 @@ async def cmd_bench_tax(args: argparse.Namespace) -> int:
     return await _run("tax", args)
 
 
+async def cmd_bench_workloads(args: argparse.Namespace) -> int:
+    return await _run("workloads", args)
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="the paper's experiments on real guests")
     sub = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
@@ -68,3 +72,10 @@ def register(subparsers: Any) -> None:
                        "the idle memory tax (0, then 0.75 by reload) moves memory to the active one")
     tax.add_arguments(b)
     b.set_defaults(func=cmd_bench_tax)
+
+    from hv.bench import workloads
+
+    b = sub.add_parser("workloads", help="Figure 5: Debian guests running real services "
+                       "(web, database, cache, runtime) under load; shared, reclaimed, zero pages")
+    workloads.add_arguments(b)
+    b.set_defaults(func=cmd_bench_workloads)
