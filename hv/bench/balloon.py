@@ -86,7 +86,6 @@ SWAP_SLACK_BYTES = 2 * MiB  # "at X": resident guest RAM within this of X
 REDUCE_TIMEOUT_S = 60.0  # TCG balloons and pages out a few hundred MiB in seconds
 FILL_TIMEOUT_S = 300.0  # toucher fill and the disk read, several guests at once under TCG
 REPORT_TIMEOUT_S = 30.0  # the toucher prints a line every guest second
-SETTLE_S = 2.0  # after reaching X, before the window: the guest's own reclaim settles
 DISK_CHUNK = 4 * MiB
 
 
@@ -97,7 +96,8 @@ class BalloonConfig:
     workload: str = "pagecache"
     file_mib: int = 200
     ws_mib: int = 64
-    window_s: float = 30.0
+    window_s: float = 25.0
+    settle_s: float = 8.0
     prefix: str = "bb"
     out_dir: Path = Path("bench-balloon")
 
@@ -137,8 +137,10 @@ class BalloonConfig:
                              f"{mem // MiB} MiB (-m)")
         if not (math.isfinite(a.window) and a.window >= 3):
             raise UsageError("--window must be at least 3 seconds")
+        if not (math.isfinite(a.settle) and a.settle >= 0):
+            raise UsageError("--settle must be a number of seconds >= 0")
         return cls(tuple(sorted(sizes, reverse=True)), mem, a.workload, a.file, a.ws, a.window,
-                   a.prefix, Path(a.out))
+                   a.settle, a.prefix, Path(a.out))
 
 
 def config_from_args(a: argparse.Namespace) -> BalloonConfig:
@@ -157,8 +159,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pagecache: the disk read in a loop (default 200)")
     p.add_argument("--ws", type=int, default=64, metavar="MIB",
                    help="toucher: the working set (default 64)")
-    p.add_argument("--window", type=float, default=30.0, metavar="SECONDS",
-                   help="how long each throughput is measured (default 30)")
+    p.add_argument("--window", type=float, default=25.0, metavar="SECONDS",
+                   help="how long each throughput is measured (default 25)")
+    p.add_argument("--settle", type=float, default=8.0, metavar="SECONDS",
+                   help="how long the workload runs at X before the window (default 8)")
     p.add_argument("--prefix", default="bb", help="prefix of the guests' names")
     p.add_argument("--out", default="bench-balloon", help="directory for the PNG and JSON")
 
@@ -333,7 +337,7 @@ async def _measure_configured(cfg: BalloonConfig, x: int, disk: Path,
     async with Fleet([plan], progress) as fleet:
         await _ready(plan)
         async with VM(plan.name, fleet.vms[0].socket) as vm:
-            await asyncio.sleep(SETTLE_S)
+            await asyncio.sleep(cfg.settle_s)
             got = await _window(vm, cfg)
     return {"reached": True, "reduce_s": 0.0, **got}
 
@@ -344,7 +348,7 @@ async def _measure_ballooned(vm: VM, cfg: BalloonConfig, x: int) -> dict[str, An
     await vm.set_balloon(x * MiB)
     await vm.wait_balloon(x * MiB, REDUCE_TIMEOUT_S)
     reduce_s = time.monotonic() - t0
-    await asyncio.sleep(SETTLE_S)
+    await asyncio.sleep(cfg.settle_s)
     got = await _window(vm, cfg)
     return {"reached": True, "reduce_s": round(reduce_s, 2),
             "rss_before_mib": round(rss0 / MiB, 1), **got}
@@ -358,7 +362,7 @@ async def _measure_swapped(vm: VM, cfg: BalloonConfig, x: int) -> dict[str, Any]
     reduce_s = time.monotonic() - t0
     holding = asyncio.create_task(squeeze.hold())
     try:
-        await asyncio.sleep(SETTLE_S)
+        await asyncio.sleep(cfg.settle_s)
         squeeze.invalidated, squeeze.rss_seen = 0, []
         got = await _window(vm, cfg)
     finally:
