@@ -53,10 +53,10 @@ from hv.bench import report
 from hv.bench.args import int_list
 from hv.bench.fleet import Fleet, GuestPlan, Progress, console_events, refuse_if_daemon, wait_event
 from hv.errors import HvError, UsageError
-from hv.host import native, swap
+from hv.host import swap
 from hv.qemu.launch import console_log
 from hv.qemu.vm import VM, balloon_floor
-from hv.sampler import check_can_sample, sampleable_addresses
+from hv.sampler import check_can_sample, page_out_random
 from hv.units import MiB, PAGE_SIZE, parse_size, table
 
 __all__ = ["BalloonConfig", "BalloonResult", "SERIES", "BALLOON_TOLERANCE", "add_arguments",
@@ -266,12 +266,8 @@ class Squeeze:
         excess = (rss - self.target_bytes) // PAGE_SIZE
         if excess * PAGE_SIZE <= SWAP_SLACK_BYTES:
             return rss
-        addrs, _ = sampleable_addresses(info.pid, [(r.hva, r.size) for r in info.ram])
-        n = min(int(excess), len(addrs))
-        if not n:
-            return rss
-        chosen = np.sort(self.rng.choice(addrs, size=n, replace=False))
-        out = native.pageout(info.pid, chosen).invalidated
+        _, out = page_out_random(info.pid, [(r.hva, r.size) for r in info.ram], int(excess),
+                                 self.rng)
         self.invalidated += out
         return rss - out * PAGE_SIZE
 
