@@ -3,6 +3,7 @@
 One module per figure, each booting its own guests and running its baselines in the
 same run, writing JSON and a PNG (``docs/bench-*/`` holds committed runs):
 
+- :mod:`~hv.bench.balloon`   Figure 2: ballooned against configured memory (and hypervisor swap)
 - :mod:`~hv.bench.sharing`   Figure 4: sharing against the number of VMs, per KSM policy
 - :mod:`~hv.bench.sampling`  Figure 6: working-set estimates against the true working set
 
@@ -12,4 +13,4 @@ are in :mod:`~hv.bench.commands`.  The experiments use hv's library and commands
 the daemon's published status; never the daemon's internals.
 """
 
-__all__ = ["fleet", "report", "sharing", "sampling", "commands"]
+__all__ = ["fleet", "report", "balloon", "sharing", "sampling", "commands"]
