@@ -26,7 +26,10 @@ The same memory-bound workload runs in three kinds of guest, at each size X:
 The two large guests are booted once and paused while the other series run, so that
 only one guest runs at a time (2 cores; TCG); the sizes go from the largest down.  Each
 measurement is a ``--window`` of the workload's own per-second console lines (a
-running count and guest time), taken once the guest is at X.
+running count and guest time), taken once the guest has been at X for ``--settle``.
+The guests read a disk of random data made for the run in ``/var/tmp``; host swap is
+created for the swapped series if the host has less than ``--mem`` free.  Both are
+removed at the end, as every guest is stopped, even after an error or ^C.
 
 **Shape** (the issue's): the ballooned throughput is within :data:`BALLOON_TOLERANCE`
 of the configured one at every size.  The swapped series has no bound; it is reported.
