@@ -38,9 +38,10 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Let "-5M" reach the size parser (which refuses it clearly) instead of being
-        # taken for an unknown option.
-        self._negative_number_matcher = re.compile(r"^-\d+(\.\d+)?[A-Za-z]*$")
+        # Let "-5M", "-1e+16" or "-inf" reach the value's own parser (which refuses it
+        # clearly) instead of being taken for an unknown option.
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?[A-Za-z]*$|^-(inf|infinity|nan)$", re.I)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}")

@@ -37,9 +37,13 @@ def _notice(line: str) -> None:
 # arenas only keep freed memory (the 30-minute soak, docs/soak-30min.md).
 MALLOC_ARENAS = 2
 
+# Blocks from this size up (a scan's or a sample's arrays) go back to the system when
+# freed instead of leaving holes in the heap (see proc.limit_malloc).
+MALLOC_MMAP_THRESHOLD_BYTES = 256 * 1024
+
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    proc.limit_malloc_arenas(MALLOC_ARENAS)
+    proc.limit_malloc(MALLOC_ARENAS, MALLOC_MMAP_THRESHOLD_BYTES)
     EventLog.check_limits(parse_size(args.log_max_size), args.log_keep)
     options = Options(
         config_path=Path(args.config),

@@ -1,19 +1,24 @@
 """``hv bench sharing`` (the paper's Figure 4): how much do N guests booted from one image share, and how fast
 does each KSM policy realize it?
 
-For each N: boot N guests from the guest image (one boot per N), wait until they
-are up, then run every policy in turn on the same guests.  Before each policy KSM
-unmerges everything (``run=2``) and the run starts from nothing merged:
+For each N, the policies run in random order (``--order``, seeded by ``--seed``), each
+from a cold start (``--cold``): by default on N guests booted fresh for that policy
+from the guest image, so none inherits another's merges or the transparent huge pages
+KSM split; or (``--cold unmerge``) on one boot per N, with KSM unmerging everything
+(``run=2``, zero-page mappings included on Linux 6.5+) before each policy.  Every
+policy runs with ``use_zero_pages=1``, as ``hv run`` sets it:
 
-* ``hv``       — hv's governor (:mod:`hv.sharing.governor`), ``use_zero_pages=1``;
-* ``stock``    — KSM's defaults: 100 pages every 20 ms, no zero-page merging;
+* ``hv``       — hv's governor (:mod:`hv.sharing.governor`), stepped every
+  ``--share-interval`` (``hv run``'s default ``share_interval_s``);
+* ``stock``    — KSM's default rate: 100 pages every 20 ms;
 * ``advisor``  — KSM's scan-time advisor (``advisor_mode=scan-time``, kernel defaults);
 * ``ksmtuned`` — ksmtuned's rule: +300 pages (at most 1250) every period, starting at
   64, ``sleep_millisecs`` from host memory as ksmtuned computes it (at least 10), with
   memory pressure assumed throughout (on an idle host ksmtuned would leave KSM off).
   Its 60 s period is scaled down (``--ksmtuned-period``) to fit the timeout.
 
-hv scans every guest every ``--scan-period`` seconds under every policy: the scan
+hv scans every guest every ``--scan-period`` seconds under every policy, to measure
+(the hv policy's governor only sees every ``--share-interval``): the scan
 gives the potential (stable duplicates and zero pages with a frame of their own) and
 what KSM merged (:mod:`hv.sharing.index`: *merged* counts pages, *realized* is merged
 less KSM's bookkeeping, the kernel's ``general_profit``).  A run *converges* when the
@@ -21,6 +26,9 @@ merged savings reach 90% of the potential (like with like); it is cut off at
 ``--timeout`` and reported as "did not converge in T s".  After convergence ksmd's CPU
 is measured for ``--steady`` seconds more.  KSM's settings are restored at the end,
 whatever happens.
+
+Figures are given as a share of configured memory (N x ``--mem``, the paper's axis) and
+of present memory (pages the guests have touched, what KSM can work on).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import abc
 import argparse
 import asyncio
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +49,9 @@ from hv.bench.args import int_list
 from hv.bench.fleet import Fleet, GuestPlan, Progress, refuse_if_daemon
 from hv.errors import HvError, UsageError
 from hv.host.ksm import Ksm
+from hv.policy.config import DEFAULT_SHARE_INTERVAL_S
 from hv.qemu import launch as launcher
-from hv.sharing.governor import Governor, Mode
+from hv.sharing.governor import Governor
 from hv.sharing.index import SharingIndex
 from hv.sharing.scan import Scanner, Target
 from hv.units import PAGE_SIZE, MiB, format_size, parse_size, table
@@ -49,13 +59,12 @@ from hv.units import PAGE_SIZE, MiB, format_size, parse_size, table
 __all__ = ["BenchConfig", "RunResult", "BenchResult", "add_arguments", "config_from_args", "run",
            "format_result"]
 
-# hv runs last: with use_zero_pages KSM maps zero pages to the zero page, and run=2 leaves
-# them there (they are legitimate mappings), so a policy after hv would start ahead.
 POLICIES = ("stock", "advisor", "ksmtuned", "hv")
+ORDERS = ("random", "given")
+COLD_STARTS = ("boot", "unmerge")
 WATCHED = ("run", "sleep_millisecs", "pages_to_scan", "use_zero_pages", "advisor_mode")
 CONVERGED_FRACTION = 0.90  # merged >= 90% of potential: the issue's bar
 UNMERGE_TIMEOUT_S = 120.0  # run=2 unmerges a few hundred MiB in seconds
-IDLE_SCAN_PERIOD_S = 10.0  # hv's governor scans less often once everything is merged
 KSMTUNED_BOOST, KSMTUNED_MAX, KSMTUNED_MIN = 300, 1250, 64  # ksmtuned's defaults
 
 
@@ -75,6 +84,10 @@ class BenchConfig:
     image: str = "initramfs"  # or "debian": guest_balloon/build_debian.sh's root FS on a virtio disk
     debian_dir: Path = field(default_factory=lambda: paths.cache_dir() / "debian")
     retries: int = 1  # runs again a run another process disturbed (changed KSM's tunables)
+    order: str = "random"  # the policies' order for each N: "random" (seeded) or "given"
+    seed: int = 0
+    cold: str = "boot"  # each policy on fresh boots, or "unmerge" on one boot per N
+    share_interval_s: float = DEFAULT_SHARE_INTERVAL_S  # how often hv's governor steps
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "BenchConfig":
@@ -89,18 +102,21 @@ class BenchConfig:
             if not sep:
                 raise UsageError(f"--param takes KEY=VALUE, not {pair!r}")
             params.append((k.removeprefix("hv."), v))
-        for name in ("timeout", "steady", "scan_period", "ksmtuned_period"):
-            if getattr(a, name) <= 0 and name != "steady":
-                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("timeout", "steady", "scan_period", "ksmtuned_period", "share_interval"):
+            value = getattr(a, name)
+            if not math.isfinite(value) or value < 0 or (value == 0 and name != "steady"):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number of seconds "
+                                 f"{'>= 0' if name == 'steady' else '> 0'}, not {value:g}")
         debian_dir = Path(a.debian_dir) if a.debian_dir else paths.cache_dir() / "debian"
         if a.image == "debian":
             for f in ("debian.ext4", "debian-initrd.cpio.gz"):
                 if not (debian_dir / f).exists():
                     raise UsageError(f"no {debian_dir / f}: build it with guest_balloon/build_debian.sh "
                                      f"--kernel-root {paths.kernel_root()} --out-dir {debian_dir}")
+        seed = a.seed if a.seed is not None else random.SystemRandom().randrange(2**31)
         return cls(vms, policies, parse_size(a.mem), a.workload, tuple(params), a.timeout,
                    a.steady, a.scan_period, a.ksmtuned_period, a.prefix, Path(a.out), a.image,
-                   debian_dir, max(0, a.retries))
+                   debian_dir, max(0, a.retries), a.order, seed, a.cold, a.share_interval)
 
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
@@ -117,7 +133,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="give up on one policy run after this long (default 120)")
     p.add_argument("--steady", type=float, default=15.0, metavar="SECONDS",
                    help="measure ksmd's CPU this long after convergence (default 15)")
-    p.add_argument("--scan-period", type=float, default=2.0, metavar="SECONDS")
+    p.add_argument("--scan-period", type=float, default=2.0, metavar="SECONDS",
+                   help="how often the bench measures, under every policy (default 2)")
+    p.add_argument("--share-interval", type=float, default=DEFAULT_SHARE_INTERVAL_S,
+                   metavar="SECONDS", help="how often hv's governor steps (default: hv run's "
+                   f"share_interval_s, {DEFAULT_SHARE_INTERVAL_S:g})")
+    p.add_argument("--order", default="random", choices=ORDERS,
+                   help="the policies' order for each N (default random, seeded by --seed)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random order "
+                   "(default: drawn, and printed and saved)")
+    p.add_argument("--cold", default="boot", choices=COLD_STARTS,
+                   help="each policy's cold start: fresh boots (default), or KSM unmerged on "
+                   "one boot per N")
     p.add_argument("--ksmtuned-period", type=float, default=15.0, metavar="SECONDS",
                    help="ksmtuned's adjustment period (its own is 60 s; default 15)")
     p.add_argument("--retries", type=int, default=1,
@@ -137,6 +164,7 @@ class RunResult:
 
     n: int
     policy: str
+    configured_pages: int  # N x the guests' memory: the paper's axis
     converged: bool
     t_converge_s: float | None
     elapsed_s: float
@@ -215,25 +243,23 @@ class Policy(abc.ABC):
     def tick(self, index: SharingIndex, t_s: float) -> None:
         """Policies that only set KSM once ignore the ticks."""
 
-    def scan_period(self, default_s: float) -> float:
-        return default_s
-
 
 class HvPolicy(Policy):
     name = "hv"
 
-    def __init__(self, ksm: Ksm) -> None:
+    def __init__(self, ksm: Ksm, interval_s: float) -> None:
         super().__init__(ksm)
         self.gov = Governor(ksm)
+        self.interval_s = interval_s
+        self.next_s = 0.0
 
     def start(self) -> None:
         self.gov.start()
 
     def tick(self, index: SharingIndex, t_s: float) -> None:
-        self.gov.step(index)
-
-    def scan_period(self, default_s: float) -> float:
-        return IDLE_SCAN_PERIOD_S if self.gov.mode is Mode.IDLE else default_s
+        if t_s >= self.next_s:  # as hv run: one step per sharing round
+            self.gov.step(index)
+            self.next_s = t_s + self.interval_s
 
 
 class StockPolicy(Policy):
@@ -241,7 +267,7 @@ class StockPolicy(Policy):
 
     def start(self) -> None:
         extra = {"advisor_mode": "none"} if self.ksm.has("advisor_mode") else {}
-        self.ksm.set(pages_to_scan=100, sleep_millisecs=20, use_zero_pages=0, run=1, **extra)
+        self.ksm.set(pages_to_scan=100, sleep_millisecs=20, use_zero_pages=1, run=1, **extra)
 
 
 class AdvisorPolicy(Policy):
@@ -250,7 +276,7 @@ class AdvisorPolicy(Policy):
     def start(self) -> None:
         if not self.ksm.has("advisor_mode"):
             raise HvError("this kernel's KSM has no advisor_mode (scan-time advisor needs 6.7+)")
-        self.ksm.set(pages_to_scan=100, sleep_millisecs=20, use_zero_pages=0)
+        self.ksm.set(pages_to_scan=100, sleep_millisecs=20, use_zero_pages=1)
         self.ksm.set(advisor_mode="scan-time", run=1)
 
     def watched(self) -> tuple[str, ...]:
@@ -269,7 +295,7 @@ class KsmtunedPolicy(Policy):
     def start(self) -> None:
         extra = {"advisor_mode": "none"} if self.ksm.has("advisor_mode") else {}
         self.ksm.set(pages_to_scan=self.npages, sleep_millisecs=ksmtuned_sleep_ms(),
-                     use_zero_pages=0, run=1, **extra)
+                     use_zero_pages=1, run=1, **extra)
         self.next_s = self.period_s
 
     def tick(self, index: SharingIndex, t_s: float) -> None:
@@ -281,7 +307,7 @@ class KsmtunedPolicy(Policy):
 
 def make_policy(name: str, ksm: Ksm, cfg: BenchConfig) -> Policy:
     if name == "hv":
-        return HvPolicy(ksm)
+        return HvPolicy(ksm, cfg.share_interval_s)
     if name == "stock":
         return StockPolicy(ksm)
     if name == "advisor":
@@ -355,7 +381,7 @@ def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
             progress(f"  {name} N={n}: another process changed KSM: {other} (run disturbed)")
         policy.tick(index, t)
         policy.remember()
-        next_t = t + policy.scan_period(cfg.scan_period_s)
+        next_t = t + cfg.scan_period_s
         if t_conv is not None:
             next_t = min(next_t, t_conv + cfg.steady_s)
         time.sleep(max(0.0, next_t - (time.monotonic() - t0)))
@@ -369,7 +395,8 @@ def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
     profit_pages = ksm.stats()["general_profit"] / PAGE_SIZE
     ksm.restore()
     return RunResult(
-        n=n, policy=name, converged=t_conv is not None, t_converge_s=t_conv,
+        n=n, policy=name, configured_pages=n * cfg.mem_bytes // PAGE_SIZE,
+        converged=t_conv is not None, t_converge_s=t_conv,
         elapsed_s=time.monotonic() - t0, potential_pages=index.potential_savings_pages,
         realized_pages=index.realized_savings_pages, merged_pages=index.merged_savings_pages,
         zero_mapped_pages=index.zero_mapped,
@@ -399,6 +426,31 @@ def plans(names: list[str], cfg: BenchConfig) -> list[GuestPlan]:
             for name in names]
 
 
+def policy_orders(cfg: BenchConfig, policies: list[str]) -> dict[int, list[str]]:
+    """The policies' order for each N: shuffled by a generator seeded with ``cfg.seed``
+    (so a run can be repeated), or as given."""
+    rng = random.Random(cfg.seed)
+    out = {}
+    for n in cfg.vms:
+        order = list(policies)
+        if cfg.order == "random":
+            rng.shuffle(order)
+        out[n] = order
+    return out
+
+
+async def _run_with_retries(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
+                            progress: Progress) -> RunResult:
+    """One policy's run, again (up to ``cfg.retries`` times) if another process changed KSM."""
+    for attempt in range(cfg.retries + 1):
+        progress(f"  {name} N={n}: running (timeout {cfg.timeout_s:.0f} s)")
+        r = await asyncio.to_thread(run_policy, name, n, scanner, ksm, cfg, progress)
+        if not r.disturbed or attempt == cfg.retries:
+            break
+        progress(f"  {name} N={n}: disturbed by another process; again")
+    return r
+
+
 async def run(cfg: BenchConfig, progress: Progress = lambda s: None) -> BenchResult:
     refuse_if_daemon("benchmarking KSM policies (KSM has one owner at a time)")
     ksm = Ksm()
@@ -407,30 +459,31 @@ async def run(cfg: BenchConfig, progress: Progress = lambda s: None) -> BenchRes
     if len(policies) < len(cfg.policies):
         progress("this kernel has no KSM advisor: skipping the advisor policy")
     runs: list[RunResult] = []
+    orders = policy_orders(cfg, policies)
+    progress(f"policy order ({cfg.order}, seed {cfg.seed}), each from a cold start by "
+             f"{'fresh boots' if cfg.cold == 'boot' else 'unmerging KSM'}: "
+             + "; ".join(f"N={n}: {', '.join(o)}" for n, o in orders.items()))
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     try:
         for n in cfg.vms:
             names = [f"{cfg.prefix}{n}-{i}" for i in range(1, n + 1)]
-            progress(f"N={n}: booting {n} guest(s) of {format_size(cfg.mem_bytes)}")
-            async with Fleet(plans(names, cfg), progress) as fleet:
-                scanner = Scanner([Target.from_info(i) for i in fleet.vms], replace_foreign=True)
-                try:
-                    for name in policies:
-                        for attempt in range(cfg.retries + 1):
-                            progress(f"  {name} N={n}: running (timeout {cfg.timeout_s:.0f} s)")
-                            r = await asyncio.to_thread(run_policy, name, n, scanner, ksm, cfg,
-                                                        progress)
-                            if not r.disturbed or attempt == cfg.retries:
-                                break
-                            progress(f"  {name} N={n}: disturbed by another process; again")
-                        runs.append(r)
-                finally:
-                    scanner.close()
+            groups = [[p] for p in orders[n]] if cfg.cold == "boot" else [orders[n]]
+            for group in groups:
+                progress(f"N={n}: booting {n} guest(s) of {format_size(cfg.mem_bytes)}")
+                async with Fleet(plans(names, cfg), progress) as fleet:
+                    scanner = Scanner([Target.from_info(i) for i in fleet.vms],
+                                      replace_foreign=True)
+                    try:
+                        for name in group:
+                            runs.append(await _run_with_retries(name, n, scanner, ksm, cfg,
+                                                                progress))
+                    finally:
+                        scanner.close()
     finally:
         ksm.restore()
     data = cfg.out_dir / "sharing.json"
     plot = cfg.out_dir / "sharing.png"
-    conf = report.jsonable(cfg)
+    conf = {**report.jsonable(cfg), "orders": {str(n): o for n, o in orders.items()}}
     result = BenchResult(conf, runs, has_advisor, plot, data)
     report.write_json(data, {"config": conf, "kernel_has_advisor": has_advisor, "runs": runs})
     save_plot(result)
@@ -441,11 +494,18 @@ async def run(cfg: BenchConfig, progress: Progress = lambda s: None) -> BenchRes
 _mib = report.mib
 
 
+def _pct(part: float, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
+
+
 def format_result(result: BenchResult) -> str:
     rows = []
     for r in result.runs:
         rows.append([
-            r.n, r.policy, r.present_pages, f"{_mib(r.shared_pages):.1f}",
+            r.n, r.policy, f"{_mib(r.configured_pages):.0f}/{_mib(r.present_pages):.0f}",
+            f"{_pct(r.shared_pages, r.configured_pages)}/{_pct(r.shared_pages, r.present_pages)}",
+            f"{_pct(r.realized_pages, r.configured_pages)}/{_pct(r.realized_pages, r.present_pages)}",
+            f"{_mib(r.shared_pages):.1f}",
             f"{_mib(r.potential_pages):.1f}", f"{_mib(r.merged_pages):.1f}",
             f"{_mib(r.realized_pages):.1f}", f"{_mib(r.general_profit_pages):.1f}",
             f"{100 * r.merged_pages / r.potential_pages:.0f}%" if r.potential_pages else "-",
@@ -453,11 +513,16 @@ def format_result(result: BenchResult) -> str:
             f"{r.ksmd_cpu_converge_s:.2f}",
             f"{100 * r.ksmd_steady_cores:.2f}" if r.ksmd_steady_cores is not None else "-",
             f"{r.scan_cpu_s:.2f} ({r.scans})"])
-    text = table(rows, ["N", "POLICY", "PRESENT", "SHARED-MiB", "POTENTIAL-MiB", "MERGED-MiB",
+    text = table(rows, ["N", "POLICY", "CFG/PRESENT-MiB", "SHARED-%CFG/%PRES",
+                        "REALIZED-%CFG/%PRES", "SHARED-MiB", "POTENTIAL-MiB", "MERGED-MiB",
                         "REALIZED-MiB", "KSM-PROFIT-MiB", "MERGED/POT", "CONVERGE-S", "KSMD-CPU-S", "KSMD-STEADY-%CORE",
                         "HV-SCAN-CPU-S (SCANS)"])
     notes = [f"N={r.n} {r.policy}: {r.note}" for r in result.runs if r.note]
-    return "\n".join([text, *notes])
+    orders = result.config.get("orders") or {}
+    head = (f"policies in {result.config.get('order')} order (seed {result.config.get('seed')}), "
+            f"cold start by {result.config.get('cold')}: "
+            + "; ".join(f"N={n}: {', '.join(o)}" for n, o in orders.items()))
+    return "\n".join([head, text, *notes])
 
 
 def save_plot(result: BenchResult) -> None:
@@ -465,7 +530,7 @@ def save_plot(result: BenchResult) -> None:
     runs = result.runs
     policies = list(dict.fromkeys(r.policy for r in runs))
     ns = sorted({r.n for r in runs})
-    fig, ax = plt.subplots(2, 2, figsize=(12, 9))
+    fig, ax = plt.subplots(2, 3, figsize=(18, 9))
     # (a) the paper's Figure 4: shared and reclaimed memory against the number of VMs
     a = ax[0][0]
     first = {r.n: r for r in runs if r.policy == policies[0]} if policies else {}
@@ -521,6 +586,18 @@ def save_plot(result: BenchResult) -> None:
     d.set_xticks([i + width * (len(policies) - 1) / 2 for i in range(len(ns))], [str(n) for n in ns])
     d.set(xlabel="number of VMs", ylabel="CPU seconds", title="CPU to converge (or to timeout)")
     d.legend(fontsize=8)
+    # (e, f) the same as shares of configured memory (the paper's axis) and of present memory
+    for axis, whole, what in ((ax[0][2], "configured_pages", "configured"),
+                              (ax[1][2], "present_pages", "present")):
+        axis.plot(ns, [100 * first[n].shared_pages / max(getattr(first[n], whole), 1) for n in ns],
+                  "o-", label="shared (scan)")
+        for p in policies:
+            pr = {r.n: r for r in runs if r.policy == p}
+            axis.plot(ns, [100 * pr[n].realized_pages / max(getattr(pr[n], whole), 1) for n in ns],
+                      "x--", label=f"reclaimed by KSM: {p}")
+        axis.set(xlabel="number of VMs", ylabel=f"% of {what} memory", ylim=(0, 100),
+                 title=f"Shared and reclaimed, % of {what} memory")
+        axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(result.plot, dpi=100)
     plt.close(fig)

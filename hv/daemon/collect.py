@@ -50,6 +50,17 @@ async def _read(m: ManagedVM) -> Reading:
     return Reading(actual, usage.rss_bytes, usage.swap_bytes, run_state, stats, time.monotonic())
 
 
+def _unanswered(m: ManagedVM) -> None:
+    """A VM that did not answer is not known to have run: the VM clock gets a
+    not-running observation, so the time around it (a SIGSTOPped QEMU, a hung one) is
+    not counted as time the guest could have touched its pages."""
+    try:
+        wait_s = proc.vcpu_runqueue_wait_s(m.vm.info.pid)
+    except (HvError, OSError):
+        return
+    m.clock.observe(time.monotonic(), False, wait_s)
+
+
 def _absorb(ctx: Context, m: ManagedVM, r: Reading) -> None:
     """Fold one reading into what hv knows: the VM clock, the boot reserve, the need."""
     info = m.vm.info
@@ -70,6 +81,7 @@ def _absorb(ctx: Context, m: ManagedVM, r: Reading) -> None:
     still = m.last_actual == r.balloon_bytes
     m.last_actual = r.balloon_bytes
     if problem is not None or g.total_bytes is None or g.age_s is None:
+        m.need.reset()
         m.need_bytes = None
         return
     size = info.ram_bytes if info.deflate_on_oom else r.balloon_bytes
@@ -79,11 +91,13 @@ def _absorb(ctx: Context, m: ManagedVM, r: Reading) -> None:
         m.report_at = reported_at
     hidden = m.hidden.bytes
     if hidden is None:
-        m.need_bytes = None
+        need = None
     elif info.deflate_on_oom:
-        m.need_bytes = guest_need_bytes(g, hidden, info.ram_bytes - r.balloon_bytes)
+        need = guest_need_bytes(g, hidden, info.ram_bytes - r.balloon_bytes)
     else:
-        m.need_bytes = guest_need_bytes(g, hidden)
+        need = guest_need_bytes(g, hidden)
+    m.need.add(reported_at, need)
+    m.need_bytes = m.need.settled_bytes
 
 
 async def collect(ctx: Context, m: ManagedVM) -> None:
@@ -94,6 +108,7 @@ async def collect(ctx: Context, m: ManagedVM) -> None:
         m.gone = str(exc)
         return
     except (HvError, asyncio.TimeoutError) as exc:
+        _unanswered(m)
         why = str(exc) or "timed out"
         if m.failing is None:  # a persistent failure is logged once
             ctx.log.write("collect_failed", vm=m.name, error=why)

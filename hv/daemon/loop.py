@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import subprocess
@@ -49,17 +48,11 @@ from typing import IO, Any
 from hv import paths
 from hv.daemon import status
 from hv.daemon.act import act, forget_pause, resume
+from hv.daemon.attach import STOP_TIMEOUT_S, admit, attach, detach, entries, max_of
 from hv.daemon.collect import host_available_bytes, collect
-from hv.daemon.domains import (
-    Discovery,
-    config_key,
-    config_uri,
-    discovered_config,
-    domain_handle,
-    effective,
-)
+from hv.daemon.domains import Discovery, config_key, discovered_config, effective
 from hv.daemon.managed import Context, ManagedVM
-from hv.daemon.merge import read_merge, set_merge
+from hv.daemon.merge import set_merge
 from hv.daemon.sampling import sample_loop, save_estimator
 from hv.daemon.sharing import SharingService
 from hv.errors import (
@@ -73,16 +66,14 @@ from hv.errors import (
 )
 from hv.eventlog import DEFAULT_KEEP, DEFAULT_MAX_BYTES, EventLog
 from hv.guardian import GuardFile
-from hv.host import proc, swap, tuners
+from hv.host import proc, tuners
 from hv.host.notify import Notifier
 from hv.policy import (
-    AdmissionControl,
     Config,
     MemState,
     StateTracker,
     VMConfig,
     VMDemand,
-    WorkingSetEstimator,
     compute_targets,
     load_config,
     overhead_bytes,
@@ -94,39 +85,20 @@ from hv.policy.reclaim import (
     pool_free_bytes,
 )
 from hv.libvirt import Domain, uri_of
-from hv.qemu import launch
-from hv.qemu.vm import VM, VMState, balloon_floor
+from hv.qemu.vm import VMState
 from hv.sampler import SamplerUnavailable, check_can_sample
 from hv.sharing import optout
 from hv.sharing.scan import Target
-from hv.units import format_size
 
 __all__ = ["Options", "Daemon", "parse_state"]
-
-# Connecting to a VM: one that does not greet in 5 s is refused (at start, at reload)
-# or tried again later (re-attach).
-ATTACH_TIMEOUT_S = 5.0
 
 # A VM that went away is looked for again every 2 s: a restarted QEMU is back in
 # seconds, and a look is one stat() of its socket.
 REATTACH_INTERVAL_S = 2.0
 
-# Stopping: resuming what hv paused and closing every connection get 1.5 s together,
-# so SIGTERM is handled within 2 s even with a hung QEMU (the guardian and the next
-# hv resume what could not be resumed now).
-STOP_TIMEOUT_S = 1.5
-
 # Closing a healthy connection takes milliseconds: even when a hung QEMU's resume used
 # the whole stop timeout, the other connections get this long to close.
 CLOSE_MIN_S = 0.2
-
-
-def _same_file(a: str, b: str) -> bool:
-    """Whether two paths name one file (after symlinks, ``..`` and hard links)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def parse_state(text: str) -> MemState:
@@ -215,14 +187,14 @@ class Daemon:
         try:
             for cfg in config.vms:
                 try:
-                    self.vms.append(await self._attach(config, cfg, self.vms))
+                    self.vms.append(await attach(config, cfg, self.vms, self.ctx, self.notify))
                 except (VMGone, VMNotFound) as exc:
                     self._wait_for(cfg, exc)
-            self._admit(config, self._entries(self.vms))
+            admit(config, entries(self.vms))
             if config.libvirt.manage_all:
                 await self._discover()
         except BaseException:
-            await self._detach(self.vms)
+            await detach(self.vms)
             raise
         self.tracker = self._tracker(config)
         try:
@@ -285,115 +257,6 @@ class Daemon:
         self.waiting[cfg.name] = cfg
         self.log.write("vm_waiting", vm=cfg.name, reason=str(why))
         self.notify(f"{cfg.name}: not running ({why}); managed once it starts")
-
-    @staticmethod
-    def _socket_of(cfg: VMConfig) -> str:
-        """The VM's QMP socket: configured, or the one of hv's guest of that name."""
-        if cfg.socket is not None:
-            return cfg.socket
-        return str(launch.vm_dir(cfg.name) / "qmp.sock")
-
-    async def _attach(self, config: Config, cfg: VMConfig, others: list[ManagedVM]) -> ManagedVM:
-        """Connect to a configured VM; VMGone or VMNotFound when its QEMU is not running.
-
-        A VM already among ``others`` (same socket or domain, or the same QEMU behind
-        another socket) is refused: one QEMU is managed once.
-        """
-        vm: VM
-        if cfg.libvirt is not None:
-            where = f"{config.source}: vm.{cfg.name}.libvirt"
-            vm = domain_handle(config, cfg)
-            what = f"domain {cfg.libvirt} at {config_uri(config, cfg)}"
-            for m in others:
-                if m.vm.socket_path == vm.socket_path:
-                    raise ConfigError(f"{where}: {what} is vm.{m.name} already")
-        else:
-            where = f"{config.source}: vm.{cfg.name}.socket"
-            sock = what = self._socket_of(cfg)
-            for m in others:
-                if _same_file(sock, m.vm.socket_path):
-                    raise ConfigError(f"{where}: {sock} is the socket of vm.{m.name} already")
-            vm = VM(cfg.name, sock)
-        try:
-            await asyncio.wait_for(vm.attach(), ATTACH_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            await vm.detach()
-            raise ConfigError(f"{where}: {what} does not answer (nothing within "
-                              f"{ATTACH_TIMEOUT_S:.0f} s)") from None
-        except (VMGone, VMNotFound):
-            raise
-        except HvError as exc:
-            raise ConfigError(f"{where}: {what} does not answer: {exc}") from exc
-        try:
-            twin = next((m for m in others if m.pid == vm.info.pid), None)
-            if twin is not None:
-                raise ConfigError(f"{where}: {what} leads to the QEMU of vm.{twin.name} "
-                                  f"(pid {twin.pid}) already")
-            if vm.info.balloon_path is None:
-                raise ConfigError(f"{where}: the VM has no virtio-balloon device")
-            cfg, sources = effective(cfg, vm)
-            max_bytes = self._max_of(config, cfg, vm)
-            await vm.enable_stats()
-        except BaseException:
-            await vm.detach()
-            raise
-        m = self._managed(cfg, vm, max_bytes)
-        m.policy_source = sources
-        if self.ctx is not None:
-            await read_merge(self.ctx, m)
-        return m
-
-    @staticmethod
-    def _max_of(config: Config, cfg: VMConfig, vm: VM) -> int:
-        """The VM's ``max``: configured, or its memory size; checked against both ends."""
-        ram = vm.info.ram_bytes
-        max_bytes = cfg.max_bytes if cfg.max_bytes is not None else ram
-        if max_bytes > ram:
-            raise ConfigError(f"{config.source}: vm.{cfg.name}.max: {format_size(max_bytes)} "
-                              f"is more than the VM's memory {format_size(ram)}")
-        if max_bytes < balloon_floor(ram):
-            raise ConfigError(f"{config.source}: vm.{cfg.name}.max: {format_size(max_bytes)} "
-                              f"is below the safe balloon floor {format_size(balloon_floor(ram))} "
-                              f"of a {format_size(ram)} guest")
-        return max_bytes
-
-    def _managed(self, cfg: VMConfig, vm: VM, max_bytes: int) -> ManagedVM:
-        info = vm.info
-        est_file = paths.state_dir() / "vms" / cfg.name / "estimator.json"
-        estimator = WorkingSetEstimator()
-        measured = 0
-        if est_file.exists():
-            try:
-                data = json.loads(est_file.read_text())
-                if data.get("pid") not in (None, info.pid):
-                    # Another QEMU under the same name: what hv knew was about a VM
-                    # that no longer exists.
-                    self.notify(f"{cfg.name}: saved working-set estimate is of an earlier "
-                                f"QEMU (pid {data.get('pid')}, now {info.pid}); starting afresh")
-                else:
-                    estimator = WorkingSetEstimator.from_dict(data["estimator"])
-                    measured = int(data.get("measured_pages", 0))
-            except (ValueError, KeyError, TypeError, HvError) as exc:
-                self.notify(f"{cfg.name}: ignoring unusable {est_file}: {exc}")
-        return ManagedVM(cfg, vm, max_bytes, estimator, est_file, info.pid, measured_pages=measured)
-
-    @staticmethod
-    def _admit(config: Config, vms: list[tuple[VMConfig, VM, int]]) -> None:
-        """Admission control over (config, handle, max) of each VM; AdmissionError names
-        the VM refused."""
-        # Swap hv's VMs may use: what is free plus what they already hold.
-        _, swap_free = swap.totals()
-        held = 0
-        for _, vm, _ in vms:
-            with contextlib.suppress(HvError):
-                held += vm.host_usage().swap_bytes
-        control = AdmissionControl(config.host.managed_bytes, swap_free + held)
-        for cfg, _, max_bytes in vms:
-            control.admit(cfg.name, cfg.min_bytes, max_bytes)
-
-    @staticmethod
-    def _entries(vms: list[ManagedVM]) -> list[tuple[VMConfig, VM, int]]:
-        return [(m.cfg, m.vm, m.max_bytes) for m in vms]
 
     def _spawn_guardian(self) -> None:
         self._guardian = subprocess.Popen(
@@ -528,9 +391,13 @@ class Daemon:
             want = optout.wanted(m.cfg.ksm, self._opt_choices.get(m.name), m.merge,
                                  m.merge_off_by_hv)
             if want is not None:
-                m.job = asyncio.create_task(set_merge(self.ctx, m, want))
+                m.job = asyncio.create_task(set_merge(self.ctx, m, want, self._left_sharing))
                 jobs.append(m.job)
         return jobs
+
+    def _left_sharing(self) -> None:
+        if self.sharing is not None:
+            self.sharing.sweep()
 
     def _due(self, m: ManagedVM, now_s: float) -> bool:
         """Whether ``m`` is read this tick: always while anything may need doing (a worse
@@ -708,7 +575,7 @@ class Daemon:
             forget_pause(self.ctx, m)
         if m in self.vms:
             self.vms.remove(m)
-        await self._detach([m])
+        await detach([m])
 
     def _reattach(self) -> None:
         """Look for waiting VMs; attach (and admit) those whose QEMU is back."""
@@ -720,21 +587,21 @@ class Daemon:
     async def _try_reattach(self, cfg: VMConfig) -> None:
         config = self._host_config()
         try:
-            m = await self._attach(config, cfg, self.vms)
+            m = await attach(config, cfg, self.vms, self.ctx, self.notify)
         except HvError as exc:
             self._reattach_problem_once(cfg.name, str(exc), quiet=True)
             await asyncio.sleep(REATTACH_INTERVAL_S)
             return
         try:
-            self._admit(config, self._entries([*self.vms, m]))
+            admit(config, entries([*self.vms, m]))
         except AdmissionError as exc:
             self.admission_refusals += 1
-            await self._detach([m])
+            await detach([m])
             self._reattach_problem_once(cfg.name, str(exc))
             await asyncio.sleep(REATTACH_INTERVAL_S)
             return
         if self.waiting.pop(cfg.name, None) is None:  # removed by a reload meanwhile
-            await self._detach([m])
+            await detach([m])
             return
         self._reattach_problem.pop(cfg.name, None)
         self.vms.append(m)
@@ -775,14 +642,14 @@ class Daemon:
 
     async def _add_domain(self, config: Config, domain: str, tick: int) -> None:
         try:
-            m = await self._attach(config, discovered_config(domain), self.vms)
+            m = await attach(config, discovered_config(domain), self.vms, self.ctx, self.notify)
         except HvError as exc:
             self._refuse_domain(domain, str(exc))
             return
         try:
-            self._admit(config, self._entries([*self.vms, m]))
+            admit(config, entries([*self.vms, m]))
         except AdmissionError as exc:
-            await self._detach([m])
+            await detach([m])
             self._refuse_domain(domain, str(exc))
             return
         m.discovered = True
@@ -819,16 +686,16 @@ class Daemon:
             for name, cfg in wanted.items():
                 if name not in known or name in replaced:
                     try:
-                        added.append(await self._attach(new, cfg, keep + added))
+                        added.append(await attach(new, cfg, keep + added, self.ctx, self.notify))
                     except (VMGone, VMNotFound) as exc:
                         absent.append((cfg, exc))
             merged = {m.name: effective(wanted[m.name], m.vm) for m in keep}
-            limits = {m.name: self._max_of(new, merged[m.name][0], m.vm) for m in keep}
-            self._admit(new, [(merged[m.name][0], m.vm, limits[m.name]) for m in keep]
-                        + self._entries(added))
+            limits = {m.name: max_of(new, merged[m.name][0], m.vm) for m in keep}
+            admit(new, [(merged[m.name][0], m.vm, limits[m.name]) for m in keep]
+                        + entries(added))
         except HvError as exc:
             self.admission_refusals += isinstance(exc, AdmissionError)
-            await self._detach(added)
+            await detach(added)
             self.log.write("reload_refused", error=str(exc))
             self.notify(f"reload refused, the running configuration stays: {exc}")
             return
@@ -895,7 +762,7 @@ class Daemon:
                     save_estimator(m)
         if self.sharing is not None:
             await self.sharing.stop()
-        await self._detach(self.vms, max(CLOSE_MIN_S, stop_by - time.monotonic()))
+        await detach(self.vms, max(CLOSE_MIN_S, stop_by - time.monotonic()))
         status.status_file().unlink(missing_ok=True)
         if self._guard_owned and self.guard.empty:
             # What is left in a non-empty file (a VM hv could not resume) is for the
@@ -907,11 +774,3 @@ class Daemon:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-
-    @staticmethod
-    async def _detach(vms: list[ManagedVM], timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Close connections, all at once and within ``timeout_s``."""
-        if vms:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(m.vm.detach() for m in vms),
-                                                      return_exceptions=True), timeout_s)

@@ -12,7 +12,7 @@ import numpy as np
 from hv.eventlog import EventLog
 from hv.guardian import GuardFile
 from hv.policy import VMConfig, WorkingSetEstimator
-from hv.policy.guest import HiddenEstimate
+from hv.policy.guest import HiddenEstimate, NeedTrend
 from hv.policy.reclaim import BalloonProgress
 from hv.policy.vmtime import VMClock
 from hv.qemu.vm import VM, GuestStats
@@ -57,7 +57,8 @@ class ManagedVM:
     measured_pages: int = 0  # sampleable pages at the last valid sample
     hidden: HiddenEstimate = field(default_factory=HiddenEstimate)
     report_at: float | None = None  # wall time of the last guest report counted
-    need_bytes: int | None = None  # what the guest needs, from a trusted fresh report
+    need: NeedTrend = field(default_factory=NeedTrend)
+    need_bytes: int | None = None  # what the guest needs: trusted fresh reports, use settled
     report_problem: str | None = None  # why the last report was rejected (logged once)
     last_actual: int | None = None  # balloon actual at the previous collection
     reading: Reading | None = None

@@ -9,6 +9,7 @@ failure is logged once and tried again next tick.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from hv.daemon.managed import Context, ManagedVM
 from hv.errors import HvError, VMGone
@@ -30,8 +31,10 @@ async def read_merge(ctx: Context, m: ManagedVM) -> None:
                    "its KSM opt-out is not managed")
 
 
-async def set_merge(ctx: Context, m: ManagedVM, on: bool) -> None:
-    """Take the VM's RAM out of sharing (``on`` False) or put it back."""
+async def set_merge(ctx: Context, m: ManagedVM, on: bool,
+                    left: Callable[[], None] | None = None) -> None:
+    """Take the VM's RAM out of sharing (``on`` False) or put it back; ``left`` is
+    called once the VM is out."""
     try:
         backend = await asyncio.wait_for(m.vm.set_merge(on), MERGE_TIMEOUT_S)
     except VMGone as exc:
@@ -45,6 +48,8 @@ async def set_merge(ctx: Context, m: ManagedVM, on: bool) -> None:
         return
     m.merge, m.merge_problem = on, None
     m.merge_off_by_hv = not on
+    if not on and left is not None:
+        left()
     ctx.log.write("ksm_opt_in" if on else "ksm_opt_out", vm=m.name, backend=backend)
     ctx.notify(f"{m.name}: " + ("back in page sharing" if on else
                                 "opted out of page sharing; KSM unmerges its pages")

@@ -144,8 +144,18 @@ class SharingService:
             return
         self.ctx.log.write("ksm_raised", saved=saved,
                            now=await asyncio.to_thread(self.ksm.tunables))
-        self.scanner = Scanner([], replace_foreign=True)
+        loop = asyncio.get_running_loop()
+
+        def replaced(exc: HvError) -> None:  # called in the scan thread
+            loop.call_soon_threadsafe(self._replaced, exc)
+
+        self.scanner = Scanner([], replace_foreign=True, replaced=replaced)
         self._task = asyncio.create_task(self._loop())
+
+    def _replaced(self, exc: HvError) -> None:
+        """A page-state file that could not be used was started afresh."""
+        self.ctx.log.write("page_state_replaced", error=str(exc))
+        self.ctx.notify(f"warning: {exc}; started its page state afresh")
 
     def _next_interval(self, interval_s: float, quiet: bool) -> float:
         base = self.interval_s()
@@ -197,6 +207,16 @@ class SharingService:
             # Woken or not, the CPU budget holds.
             budget_wait_s = spent / SCAN_CPU_BUDGET_CORES - (time.monotonic() - waited_from)
             await asyncio.sleep(max(0.0, budget_wait_s))
+
+    def sweep(self) -> None:
+        """A VM left sharing: the governor has ksmd walk everything once, from now."""
+        if self.governor is not None:
+            try:
+                self.governor.sweep()
+            except HvError as exc:
+                self.ctx.log.write("share_failed", error=str(exc))
+                return
+            self._wake.set()
 
     async def press(self, on: bool) -> None:
         """Raise (or lower) ksmd's rate for memory pressure, from the last table."""

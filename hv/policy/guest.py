@@ -10,6 +10,8 @@ thing only: to keep an inflating balloon from taking memory the guest is using
   period: QEMU stamps ``last-update`` itself, the guest cannot forge it) or
   impossible (MemTotal 0 or above the VM's memory, free or available above total,
   MemTotal far from what the balloon says the guest has);
+- :class:`NeedTrend` — the need is given only once two reports agree that the
+  guest's use stopped growing, since reports lag the guest;
 - :class:`HiddenEstimate` — the memory the guest kernel reserved at boot (outside
   MemTotal) is the median of several readings taken while the balloon stood
   still, so no single report moves it, and it is bounded.
@@ -32,6 +34,8 @@ __all__ = [
     "GuestReport",
     "check_report",
     "HiddenEstimate",
+    "NEED_RISE_BYTES",
+    "NeedTrend",
 ]
 
 # Readings needed before the boot reserve is trusted: a median of three outvotes one
@@ -50,6 +54,12 @@ HIDDEN_FRACTION_BOUND = 0.25
 # MemTotal may run ahead of the balloon's actual size by the driver's in-flight step
 # (1 MiB pages, reported a poll later): 16 MiB covers it.
 TOTAL_SLACK_BYTES = 16 * MiB
+
+# A guest whose use grew by more than this between two reports is still allocating.
+# Reports lag the guest by up to a stats period and a tick (3 s), and a balloon that
+# inflates into a guest still filling its memory OOM-kills it (measured: a 600 MiB
+# hog relaunched into a 1 GiB guest under low host memory, in the soak).
+NEED_RISE_BYTES = 16 * MiB
 
 
 def hidden_bound_bytes(ram_bytes: int) -> int:
@@ -118,3 +128,39 @@ class HiddenEstimate:
         if len(self.readings) < HIDDEN_MIN_READINGS:
             return None
         return int(statistics.median(self.readings))
+
+
+@dataclass
+class NeedTrend:
+    """The guest-need floor, given only while the guest's use is not growing.
+
+    Fed once per collection with the report's time and the need computed from it.
+    :attr:`settled_bytes` is None (the balloon does not shrink) until two distinct
+    reports are known and the later one is not above the earlier by more than
+    :data:`NEED_RISE_BYTES`; then it is the larger of the two.  A guest that claims
+    to grow forever only keeps its balloon where it is: hv then reaches the VM's
+    target by hypervisor swap, so the claim gains it nothing.
+    """
+
+    report_at: float | None = None
+    previous: int | None = None
+    current: int | None = None
+
+    def add(self, report_at: float, need_bytes: int | None) -> None:
+        if need_bytes is None:
+            self.reset()
+        elif report_at == self.report_at:
+            self.current = need_bytes  # the same report, seen again
+        else:
+            self.previous, self.current, self.report_at = self.current, need_bytes, report_at
+
+    def reset(self) -> None:
+        self.report_at = self.previous = self.current = None
+
+    @property
+    def settled_bytes(self) -> int | None:
+        if self.previous is None or self.current is None:
+            return None
+        if self.current > self.previous + NEED_RISE_BYTES:
+            return None
+        return max(self.current, self.previous)

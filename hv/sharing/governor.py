@@ -52,6 +52,10 @@ class Params:
     cpu_budget_cores: float = 0.5  # while converging, at most half a core (2-core hosts)
     idle_pages_to_scan: int = 100  # 100 pages/s idle: ~0.05% of a core at ~5 us/page
     idle_sleep_millisecs: int = 1000
+    # After a VM leaves sharing, KSM still counts its unmerged pages (rmap items, the
+    # per-process ksm_merging_pages and profit) until ksmd walks past them: at the idle
+    # rate that is half an hour, so one pass runs at a pass per 30 s instead.
+    sweep_pass_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Observation:
     mode: Mode = Mode.CONVERGE  # the mode of the previous decision (for hysteresis)
     ksmd_cpu_s_per_page: float | None = None  # measured: ksmd CPU / pages_scanned
     pressure: bool = False  # memory is short (hard state): share before swap, full rate
+    sweep: bool = False  # KSM's records are stale (a VM opted out): one pass, not a trickle
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,13 @@ def decide(obs: Observation, p: Params = Params()) -> Decision:
     present = max(obs.present_pages, 1)
     idle_at = max(p.idle_backlog_min_pages, p.idle_backlog_fraction * present)
     threshold = idle_at * (p.exit_idle_factor if obs.mode is Mode.IDLE else 1.0)
+    if obs.backlog_pages <= threshold and obs.sweep:
+        rate = present / p.sweep_pass_s
+        batch = min(max(math.ceil(rate * p.sleep_millisecs / 1000.0), p.min_pages_to_scan),
+                    p.max_pages_to_scan)
+        return Decision(Mode.CONVERGE, Setting(batch, p.sleep_millisecs),
+                        f"a VM left sharing: one pass in {p.sweep_pass_s:.0f} s clears KSM's "
+                        "records of its pages")
     if obs.backlog_pages <= threshold:
         return Decision(Mode.IDLE, Setting(p.idle_pages_to_scan, p.idle_sleep_millisecs),
                         f"backlog {obs.backlog_pages} pages <= {threshold:.0f}: idle")
@@ -138,6 +150,7 @@ class Governor:
     _last: KsmStats | None = None
     _cost_s_per_page: float | None = None
     overridden: int = 0  # times another writer had changed KSM and the governor re-applied
+    sweep_until: int | None = None  # ksmd's full_scans count that ends a sweep
 
     def _drifted(self) -> bool:
         """Someone else changed KSM since the governor last wrote it."""
@@ -158,6 +171,13 @@ class Governor:
         self.applied = first
         self._last = self.ksm.stats()
 
+    def sweep(self) -> None:
+        """A VM left sharing: have ksmd walk everything once soon (see Params.sweep_pass_s).
+
+        Two more full scans: the pass under way when the VM left, then a whole one.
+        """
+        self.sweep_until = int(self.ksm.stats()["full_scans"]) + 2
+
     def _measure_cost(self, now: KsmStats) -> None:
         last, self._last = self._last, now
         if last is None:
@@ -175,8 +195,11 @@ class Governor:
         """
         stats = self.ksm.stats()
         self._measure_cost(stats)
+        if self.sweep_until is not None and stats["full_scans"] >= self.sweep_until:
+            self.sweep_until = None
         d = decide(Observation(index.present, index.backlog_pages, self.mode,
-                               self._cost_s_per_page, pressure), self.params)
+                               self._cost_s_per_page, pressure, self.sweep_until is not None),
+                   self.params)
         drifted = self._drifted()
         if d.setting != self.applied or drifted:
             self.overridden += drifted

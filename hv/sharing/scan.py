@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from hv import backends
-from hv.errors import HvError, NativeError, VMError, VMGone
+from hv.errors import HvError, NativeError, StateFileError, VMError, VMGone
 from hv.host import native, proc
 from hv.qemu import launch as launcher
 from hv.qemu.vm import VM, RamRange, VMInfo
@@ -94,14 +94,19 @@ class Scanner:
 
     targets: list[Target]
     replace_foreign: bool = False  # replace a bad state file instead of raising
+    replaced: Callable[[StateFileError], None] | None = None  # told why a file was replaced
     scan_cpu_s: float = 0.0  # CPU hv spent scanning (this process), summed over scans
     scan_wall_s: float = 0.0
     _states: dict[str, st.PageState] = field(default_factory=dict)
 
     def state(self, t: Target) -> st.PageState:
         s = self._states.get(t.name)
+        if s is not None and s.identity != t.identity():  # relaunched with other RAM
+            s.close()
+            s = None
         if s is None:
-            s = st.open_or_create(t.identity(), replace_foreign=self.replace_foreign)
+            s = st.open_or_create(t.identity(), replace_foreign=self.replace_foreign,
+                                  replaced=self.replaced)
             self._states[t.name] = s
         return s
 
@@ -141,6 +146,9 @@ class Scanner:
         return index
 
     def scan_all(self) -> SharingIndex:
+        names = {t.name for t in self.targets}
+        for name in [n for n in self._states if n not in names]:  # VMs no longer scanned
+            self._states.pop(name).close()
         for t in self.targets:
             self.scan_one(t)
         return self.index()

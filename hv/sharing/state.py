@@ -35,6 +35,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,20 +266,24 @@ def open_state(path: Path, expect: Identity | None = None, writable: bool = True
 
 
 def open_or_create(identity: Identity, path: Path | None = None,
-                   replace_foreign: bool = False) -> PageState:
+                   replace_foreign: bool = False,
+                   replaced: Callable[[StateFileError], None] | None = None) -> PageState:
     """Open the VM's state file, creating it if missing.
 
     A bad file (truncated, foreign, corrupt) raises StateFileError unless
-    ``replace_foreign``; then it is replaced by a fresh one (and only that file).
+    ``replace_foreign``; then it is replaced by a fresh one (and only that file), and
+    ``replaced`` is told why.
     """
     path = path or state_path(identity.vm)
     if not path.exists():
         return create(path, identity)
     try:
         return open_state(path, identity)
-    except StateFileError:
+    except StateFileError as exc:
         if not replace_foreign:
             raise
+        if replaced is not None:
+            replaced(exc)
         return create(path, identity)
 
 

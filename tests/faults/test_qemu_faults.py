@@ -125,8 +125,11 @@ def test_qemu_killed_mid_action(action, guests, host_swap, state_dir, tmp_path):
     assert_ksm_restored(hv.log, state_dir, ksm_before)
 
 
-def test_qemu_stopped_30s(guests, host_swap, state_dir, tmp_path):  # type: ignore[no-untyped-def]
-    """QEMU SIGSTOPped for 30 s (then SIGCONT) while hv manages it and another guest.
+@pytest.mark.parametrize("stop_s", [30, 0])
+def test_qemu_stopped(guests, host_swap, state_dir, tmp_path, stop_s):  # type: ignore[no-untyped-def]
+    """QEMU SIGSTOPped for 30 s, then SIGCONT, while hv manages it and another guest; and
+    (``stop_s`` 0) stopped only until hv notices, 10-20 s: shorter than the gap past
+    which VM time stops counting anyway, so only the unanswered collection tells.
 
     Promise: the other VM's ticks keep coming about once a poll; the stopped VM is
     reported once (``collect_failed``) and left out while it does not answer, then
@@ -147,8 +150,9 @@ def test_qemu_stopped_30s(guests, host_swap, state_dir, tmp_path):  # type: igno
         stopped_ts = time.time()
         try:
             hv.wait_event("collect_failed", 30, vm="ss")
-            # Hold the stop for 30 s, watching hv tick the other VM meanwhile.
-            ticks_after(hv, "so", stopped_ts + 30, count=1, timeout_s=45)
+            # Hold the stop, watching hv tick the other VM meanwhile.
+            if stop_s:
+                ticks_after(hv, "so", stopped_ts + stop_s, count=1, timeout_s=stop_s + 15)
         finally:
             os.kill(hung["pid"], signal.SIGCONT)
         cont_ts = time.time()
@@ -158,7 +162,7 @@ def test_qemu_stopped_30s(guests, host_swap, state_dir, tmp_path):  # type: igno
         gaps = [b - a for a, b in zip(times, times[1:])]
         print(f"stopped {cont_ts - stopped_ts:.1f} s: other VM {len(gaps)} tick gaps, "
               f"max {max(gaps):.2f} s")
-        assert len(gaps) >= 20 and max(gaps) < 3.5, gaps
+        assert len(gaps) >= (cont_ts - stopped_ts) * 2 // 3 and max(gaps) < 3.5, gaps
         assert len(hv.events("collect_failed")) == 1 and len(hv.events("collect_recovered")) == 1
         assert not hv.events("vm_gone")
         assert not [t for t in hv.ticks("ss") if stopped_ts + 11 < t["ts"] < cont_ts]
@@ -168,7 +172,8 @@ def test_qemu_stopped_30s(guests, host_swap, state_dir, tmp_path):  # type: igno
             begun = s["ts"] - s["wall_s"]
             stopped_within = max(0.0, min(s["ts"], cont_ts) - max(begun, stopped_ts))
             assert s["vm_s"] <= s["wall_s"] - stopped_within + 1.5, (s, stopped_ts, cont_ts)
-        assert hv.events("sample_discarded", vm="ss")
+        if stop_s >= 30:  # a period of which the VM ran too little is discarded
+            assert hv.events("sample_discarded", vm="ss")
         assert hv.last_tick("ss")["active"]["periods"] >= periods_before
     finally:
         rc = hv.stop()

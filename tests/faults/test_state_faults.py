@@ -180,6 +180,12 @@ def test_corrupt_state_files(guests, host_swap, state_dir, tmp_path):  # type: i
         for path in (est1, est2):
             lines = [ln for ln in err.splitlines() if str(path) in ln]
             assert len(lines) == 1 and "ignoring unusable" in lines[0], err
+        replaced = [e for e in hv.events("page_state_replaced") if e["ts"] >= started]
+        assert sorted(e["error"].split(":")[0] for e in replaced) == sorted(
+            str(p) for p in (pages1, pages2)), replaced
+        for path in (pages1, pages2):
+            lines = [ln for ln in err.splitlines() if str(path) in ln]
+            assert len(lines) == 1 and "started its page state afresh" in lines[0], err
         for n in vms:
             assert hv.last_tick(n)["run_state"] == "running"
     finally:

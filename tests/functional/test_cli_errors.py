@@ -33,6 +33,8 @@ def test_bad_sizes(run_dir: Path, size: str) -> None:
 @pytest.mark.parametrize("args, words", [
     (("balloon", "whatever", "170M", "--wait", "-1"), "--wait"),
     (("balloon", "whatever", "170M", "--wait", "nan"), "--wait"),
+    (("balloon", "whatever", "170M", "--wait", "-1e+16"), "--wait"),
+    (("balloon", "whatever", "170M", "--wait", "-inf"), "--wait"),
     (("sample", "whatever", "--period", "nan"), "--period"),
     (("swap", "create", "99999999999999G"), "too large"),
     (("launch", "-n", "1", "-p", "bad/name"), "bad VM name"),

@@ -38,9 +38,10 @@ PAUSE_RELEASE_S = 5.0
 # far below the ~100 MiB/h that a leak of one tick's objects would show.
 RSS_TOLERANCE_BYTES = 16 * MiB
 
-# Open fds: one QMP connection per VM, pidfds and /proc files while a tick runs, a
-# reconnect in flight after a kill; 4 more at the end than at the start is noise,
-# a leak per tick or per kill shows as tens to hundreds.
+# Open fds: one QMP connection per VM, plus pidfds and /proc files while a tick runs
+# and a reconnect in flight after a kill.  Those come and go, so the fewest open in the
+# last third is compared with the fewest in the first: a leak raises the floor (one fd
+# per tick or per kill shows as tens to hundreds), a sample taken mid-tick does not.
 FD_TOLERANCE = 4
 
 # The first part of a run is not judged for growth: imports, caches, the first
@@ -223,7 +224,7 @@ def growth(samples: Sequence[ResourceSample], t_warm: float | None = None) -> di
     third = max(1, len(judged) // 3)
     first, last = judged[:third], judged[-third:]
     rss_growth = statistics.median(s.rss_bytes for s in last) - statistics.median(s.rss_bytes for s in first)
-    fd_growth = max(s.fds for s in last) - max(s.fds for s in first)
+    fd_growth = min(s.fds for s in last) - min(s.fds for s in first)
     hours = (t1 - t0) / 3600 or 1.0
     cpu = (samples[-1].cpu_s - samples[0].cpu_s) / (t1 - t0) * 100 if t1 > t0 else 0.0
     thirds = []

@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 
 from hv.daemon import act as act_mod
+from hv.daemon import attach as attach_mod
 from hv.daemon import collect as collect_mod
 from hv.daemon import loop as loop_mod
 from hv.daemon.loop import Daemon, Options
@@ -282,7 +283,7 @@ def sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sim]:
     def no_sampler() -> None:
         raise SamplerUnavailable("simulation: no sampler")
 
-    monkeypatch.setattr(loop_mod, "VM", host.handle)
+    monkeypatch.setattr(attach_mod, "VM", host.handle)
     monkeypatch.setattr(loop_mod, "check_can_sample", no_sampler)
     monkeypatch.setattr(loop_mod, "REATTACH_INTERVAL_S", POLL_INTERVAL_S)
     monkeypatch.setattr(proc, "meminfo", host.meminfo)

@@ -8,6 +8,8 @@ from hv.policy.guest import (
     HIDDEN_MIN_READINGS,
     GuestReport,
     HiddenEstimate,
+    NEED_RISE_BYTES,
+    NeedTrend,
     check_report,
     hidden_bound_bytes,
 )
@@ -146,3 +148,30 @@ def test_no_single_report_moves_the_boot_reserve() -> None:
     for _ in range(10):
         h.add(256 * MiB, 0, ram)
     assert h.bytes == hidden_bound_bytes(ram)
+
+
+def test_need_is_given_only_once_the_guest_stopped_growing() -> None:
+    t = NeedTrend()
+    t.add(100.0, 300 * MiB)
+    assert t.settled_bytes is None  # one report says nothing of a trend
+    t.add(100.0, 310 * MiB)  # the same report again (hidden estimate moved)
+    assert t.settled_bytes is None
+    t.add(102.0, 400 * MiB)  # a guest still filling its memory (a relaunched hog)
+    assert t.settled_bytes is None
+    t.add(104.0, 400 * MiB + NEED_RISE_BYTES)  # growth within the tolerance: settled
+    assert t.settled_bytes == 400 * MiB + NEED_RISE_BYTES
+    t.add(106.0, 380 * MiB)  # use that falls is settled; the floor is the larger of the two
+    assert t.settled_bytes == 400 * MiB + NEED_RISE_BYTES
+    t.add(108.0, None)  # a rejected or missing report starts over
+    assert t.settled_bytes is None
+    t.add(110.0, 380 * MiB)
+    assert t.settled_bytes is None
+
+
+def test_a_guest_claiming_endless_growth_keeps_its_balloon_and_no_more() -> None:
+    t = NeedTrend()
+    for i in range(10):
+        t.add(float(i * 2), (200 + i * 100) * MiB)
+    assert t.settled_bytes is None
+    # No need known: the balloon does not shrink, and never grows past the target.
+    assert balloon_goal(300 * MiB, GiB, 700 * MiB, 700 * MiB, FLOOR, t.settled_bytes) == 700 * MiB

@@ -93,3 +93,23 @@ def test_governor_transcript_and_restore(tmp_path: Path) -> None:
     assert (Path(root) / "pages_to_scan").read_text().strip() == "100"
     assert (Path(root) / "use_zero_pages").read_text().strip() == "0"
     assert not (tmp_path / "saved.json").exists()
+
+
+def test_a_vm_leaving_sharing_gets_one_pass_then_idle(tmp_path: Path) -> None:
+    """After an opt-out KSM still counts the VM's pages until ksmd walks past them: the
+    governor runs one sweep (two more full scans) at a pass per sweep_pass_s, then idles."""
+    ksm = _fake_ksm(tmp_path)
+    (Path(ksm.root) / "full_scans").write_text("7\n")
+    gov = Governor(ksm)
+    gov.start()
+    merged = _index(600_000, 300_000, 299_900)
+    assert gov.step(merged).mode is Mode.IDLE
+    gov.sweep()
+    d = gov.step(merged)
+    assert d.mode is Mode.CONVERGE and "left sharing" in d.reason
+    assert d.setting.pages_per_s == pytest.approx(600_000 / P.sweep_pass_s, rel=0.01)
+    (Path(ksm.root) / "full_scans").write_text("8\n")
+    assert gov.step(merged).mode is Mode.CONVERGE  # the pass under way does not count
+    (Path(ksm.root) / "full_scans").write_text("9\n")
+    assert gov.step(merged).mode is Mode.IDLE and gov.sweep_until is None
+    gov.stop()
