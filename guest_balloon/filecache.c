@@ -10,12 +10,17 @@
  * cache too ("Cached" and "Shmem" in /proc/meminfo), but the guest has no swap,
  * so it cannot be reclaimed; the program then exits.
  *
+ * With file_loop=1 (file_dev only) it then reads the same MiB again and again
+ * instead of sleeping, a page-cache workload: its throughput is what of it the
+ * cache holds.
+ *
  * Parameters (key=value): file_mib (default 64), file_dev (default none),
- * fill, seed as in common.h (tmpfs case only).
+ * file_loop (0 or 1, default 0), fill, seed as in common.h (tmpfs case only).
  *
  * Lines:
  *   event=filecache_start mib=M path=PATH reclaimable=0|1
  *   event=filecache_done mib=M path=PATH reclaimable=0|1 io_s=T
+ *   event=filecache t_s=T read_mib=N passes=P     (file_loop=1: every second)
  *   event=error workload=filecache what=... errno=N
  */
 #include "common.h"
@@ -39,13 +44,26 @@ static int open_dev(const char *path)
 	return fd;
 }
 
-/* Read up to `mib` MiB (0: to the end); returns whole MiB read or -1 with errno. */
-static long read_dev(int fd, long mib)
+/* Read up to `mib` MiB (0: to the end); returns whole MiB read or -1 with errno.
+ * With `report`, says the running total (read_mib, MiB read before + now) every second. */
+struct loop_report {
+	double start, next;
+	long read_mib, passes;
+};
+
+static long read_dev(int fd, long mib, struct loop_report *report)
 {
 	static char buf[1 << 20];
 	size_t want = (size_t)mib * MIB, done = 0;
 
 	while (mib == 0 || done < want) {
+		if (report != NULL && now_s() >= report->next) {
+			double now = now_s();
+
+			say("event=filecache t_s=%.2f read_mib=%ld passes=%ld", now - report->start,
+			    report->read_mib + (long)(done / MIB), report->passes);
+			report->next = report->next + 1 > now ? report->next + 1 : now + 1;
+		}
 		size_t len = mib == 0 || want - done > sizeof(buf) ? sizeof(buf) : want - done;
 		ssize_t n = read(fd, buf, len);
 
@@ -85,25 +103,30 @@ int main(int argc, char **argv)
 	const char *dev = param_str(argc, argv, "file_dev", NULL);
 	const char *path = dev != NULL ? dev : TMPFS_PATH;
 	int reclaimable = dev != NULL;
-	long mib, done;
+	long mib, done, loop;
 	enum fill fill;
+	int fd = -1;
 
-	if (param_long(argc, argv, "file_mib", 64, &mib) < 0 || param_fill(argc, argv, &fill) < 0)
+	if (param_long(argc, argv, "file_mib", 64, &mib) < 0 || param_fill(argc, argv, &fill) < 0 ||
+	    param_long(argc, argv, "file_loop", 0, &loop) < 0)
 		return 2;
 	if (mib < 0 || (mib == 0 && dev == NULL)) {
 		say("event=error workload=filecache what=bad_param key=file_mib value=%ld", mib);
 		return 2;
 	}
+	if (loop < 0 || loop > 1 || (loop && dev == NULL)) {
+		say("event=error workload=filecache what=bad_param key=file_loop value=%ld", loop);
+		return 2;
+	}
 	say("event=filecache_start mib=%ld path=%s reclaimable=%d", mib, path, reclaimable);
 	double t0 = now_s();
 	if (dev != NULL) {
-		int fd = open_dev(dev);
-
+		fd = open_dev(dev);
 		if (fd < 0) {
 			say_errno("open", errno);
 			return 1;
 		}
-		done = read_dev(fd, mib);
+		done = read_dev(fd, mib, NULL);
 	} else {
 		done = write_tmpfs(mib, fill, param_seed(argc, argv));
 	}
@@ -113,6 +136,19 @@ int main(int argc, char **argv)
 	}
 	say("event=filecache_done mib=%ld path=%s reclaimable=%d io_s=%.2f",
 	    done, path, reclaimable, now_s() - t0);
+	if (loop) {
+		struct loop_report report = { .start = now_s(), .next = now_s() + 1 };
+
+		for (;; report.passes++) {
+			long got = lseek(fd, 0, SEEK_SET) < 0 ? -1 : read_dev(fd, done, &report);
+
+			if (got < 0) {
+				say_errno("read", errno);
+				return 1;
+			}
+			report.read_mib += got;
+		}
+	}
 	if (dev != NULL) {
 		for (;;)
 			pause(); /* holding the device open holds its cache */

@@ -60,7 +60,7 @@ from hv.units import PAGE_SIZE
 
 __all__ = ["MAX_STRETCH", "MIN_VM_FRACTION", "POLL_MAX_S", "SamplerUnavailable",
            "SampleResult", "Sampler", "check_can_sample", "follow_vm_time",
-           "sampleable_addresses"]
+           "page_out_random", "sampleable_addresses"]
 
 # Longest a period may stretch, in periods of wall time: a VM getting a quarter of
 # a CPU still completes its period; one that gets less is paused or starving, and
@@ -136,6 +136,18 @@ def sampleable_addresses(pid: int, ranges: Sequence[tuple[int, int]]) -> tuple[U
     which = np.searchsorted(firsts[1:], index, side="right")
     addrs: U64Array = starts[which] + (index - firsts[which]) * np.uint64(PAGE_SIZE)
     return addrs, res.present
+
+
+def page_out_random(pid: int, ranges: Sequence[tuple[int, int]], n: int,
+                    rng: np.random.Generator) -> tuple[int, int]:
+    """Page out ``n`` sampleable pages chosen at random (hypervisor swap, which cannot know
+    which pages the guest needs); returns (asked, invalidated)."""
+    addrs, _ = sampleable_addresses(pid, ranges)
+    n = min(n, len(addrs))
+    if n == 0:
+        return 0, 0
+    chosen = np.sort(rng.choice(addrs, size=n, replace=False))
+    return n, native.pageout(pid, chosen).invalidated
 
 
 class Sampler:

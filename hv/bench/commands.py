@@ -79,3 +79,10 @@ def register(subparsers: Any) -> None:
                        "(web, database, cache, runtime) under load; shared, reclaimed, zero pages")
     workloads.add_arguments(b)
     b.set_defaults(func=cmd_bench_workloads)
+
+    from hv.bench import balloon
+
+    b = sub.add_parser("balloon", help="Figure 2: a workload's throughput in a guest booted "
+                       "at X, ballooned down to X, and held at X by hypervisor swap")
+    balloon.add_arguments(b)
+    b.set_defaults(func=lambda args: _run("balloon", args))

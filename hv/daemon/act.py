@@ -23,8 +23,6 @@ import asyncio
 import contextlib
 import time
 
-import numpy as np
-
 from hv.daemon.managed import Context, ManagedVM
 from hv.errors import HostError, HvError, VMGone
 from hv.host import native, swap
@@ -36,7 +34,7 @@ from hv.policy.reclaim import (
     swap_pages_for,
 )
 from hv.qemu.vm import balloon_floor
-from hv.sampler import sampleable_addresses
+from hv.sampler import page_out_random
 from hv.units import format_size
 
 __all__ = ["act", "resume", "forget_pause", "page_out"]
@@ -45,12 +43,7 @@ __all__ = ["act", "resume", "forget_pause", "page_out"]
 def page_out(m: ManagedVM, n: int) -> tuple[int, int]:
     """Page out ``n`` random sampleable pages of the VM; (asked, invalidated)."""
     info = m.vm.info
-    addrs, _ = sampleable_addresses(info.pid, [(r.hva, r.size) for r in info.ram])
-    n = min(n, len(addrs))
-    if n == 0:
-        return 0, 0
-    chosen = np.sort(m.rng.choice(addrs, size=n, replace=False))
-    return n, native.pageout(info.pid, chosen).invalidated
+    return page_out_random(info.pid, [(r.hva, r.size) for r in info.ram], n, m.rng)
 
 
 def _note_swap_effect(ctx: Context, m: ManagedVM, asked: int, invalidated: int) -> None:
