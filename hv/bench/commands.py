@@ -46,6 +46,10 @@ async def cmd_bench_tax(args: argparse.Namespace) -> int:
     return await _run("tax", args)
 
 
+async def cmd_bench_overcommit(args: argparse.Namespace) -> int:
+    return await _run("overcommit", args)
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="the paper's experiments on real guests")
     sub = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
@@ -68,3 +72,10 @@ def register(subparsers: Any) -> None:
                        "the idle memory tax (0, then 0.75 by reload) moves memory to the active one")
     tax.add_arguments(b)
     b.set_defaults(func=cmd_bench_tax)
+
+    from hv.bench import overcommit
+
+    b = sub.add_parser("overcommit", help="Figure 8: five VMs with mixed workloads overcommit "
+                       "the host under a memory locker's pressure; states and allocations")
+    overcommit.add_arguments(b)
+    b.set_defaults(func=cmd_bench_overcommit)
