@@ -23,7 +23,7 @@ def parse(*argv: str) -> overcommit.OvercommitConfig:
 
 
 @pytest.mark.parametrize("argv", [["--minutes", "1"], ["--minutes", "nan"], ["--min", "0"],
-                                  ["--min", "600M"], ["--period", "inf"],
+                                  ["--min", "800M"], ["--period", "inf"],
                                   ["--minutes", "2", "--period", "30"], ["--prefix", "a/b"]])
 def test_bad_input_is_one_usage_error(argv: list[str]) -> None:
     with pytest.raises(UsageError):
