@@ -69,7 +69,7 @@ VMS: tuple[tuple[str, int, int, str, tuple[tuple[str, str], ...], str], ...] = (
     ("web", 1024, 1000, "toucher", (("alloc_mib", "600"), ("ws", "500:60,150:60")),
      "toucher_filled"),
     ("db", 1024, 2000, "hog", (("hog_mib", "600"),), "hog_touched"),
-    ("cache", 768, 1000, "filecache", (("file_mib", "400"),), "filecache_done"),
+    ("cache", 768, 1000, "filecache", (("file_mib", "300"),), "filecache_done"),
     ("batch", 768, 1000, "toucher", (("alloc_mib", "400"), ("ws", "400"), ("rate", "0")),
      "toucher_filled"),
 )
