@@ -8,6 +8,7 @@ same run, writing JSON and a PNG (``docs/bench-*/`` holds committed runs):
 - :mod:`~hv.bench.workloads` Figure 5: sharing in Debian guests running real services
 - :mod:`~hv.bench.sampling`  Figure 6: working-set estimates against the true working set
 - :mod:`~hv.bench.tax`       Figure 7: the idle memory tax moves memory to the active VM
+- :mod:`~hv.bench.overcommit` Figure 8: five VMs overcommit the host; states and allocations
 
 Shared parts: :mod:`~hv.bench.fleet` (boot a fleet of guests, read their console
 events, always stop them), :mod:`~hv.bench.daemon` (an ``hv run`` with its config file
@@ -16,5 +17,5 @@ are in :mod:`~hv.bench.commands`.  The experiments use hv's library and commands
 the daemon's published status; never the daemon's internals.
 """
 
-__all__ = ["fleet", "daemon", "report", "balloon", "sharing", "workloads", "sampling", "tax",
+__all__ = ["fleet", "daemon", "report", "balloon", "sharing", "workloads", "sampling", "tax", "overcommit",
            "commands"]

@@ -50,6 +50,10 @@ async def cmd_bench_workloads(args: argparse.Namespace) -> int:
     return await _run("workloads", args)
 
 
+async def cmd_bench_overcommit(args: argparse.Namespace) -> int:
+    return await _run("overcommit", args)
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="the paper's experiments on real guests")
     sub = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
@@ -86,3 +90,10 @@ def register(subparsers: Any) -> None:
                        "at X, ballooned down to X, and held at X by hypervisor swap")
     balloon.add_arguments(b)
     b.set_defaults(func=lambda args: _run("balloon", args))
+
+    from hv.bench import overcommit
+
+    b = sub.add_parser("overcommit", help="Figure 8: five VMs with mixed workloads overcommit "
+                       "the host under a memory locker's pressure; states and allocations")
+    overcommit.add_arguments(b)
+    b.set_defaults(func=cmd_bench_overcommit)
