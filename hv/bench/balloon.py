@@ -55,8 +55,8 @@ import numpy as np
 from hv.bench import report
 from hv.bench.args import int_list
 from hv.bench.fleet import Fleet, GuestPlan, Progress, console_events, refuse_if_daemon, wait_event
+from hv.bench.hostswap import host_swap
 from hv.errors import HvError, UsageError
-from hv.host import swap
 from hv.qemu.launch import console_log
 from hv.qemu.vm import VM, balloon_floor
 from hv.sampler import check_can_sample, page_out_random
@@ -312,24 +312,6 @@ def _make_disk(path: Path, mib: int) -> None:
             f.write(os.urandom(DISK_CHUNK))
 
 
-@contextlib.contextmanager
-def _host_swap(need_bytes: int, where: Path, progress: Progress) -> Any:
-    """Enough free host swap for ``need_bytes``: creates a swap file if not, removes it after.
-
-    Yields the MiB created (0 when the host had enough)."""
-    _, free = swap.totals()
-    if free >= need_bytes:
-        yield 0
-        return
-    size = need_bytes + 256 * MiB
-    path = swap.create(size, where / "swapfile")
-    progress(f"created {size // MiB} MiB of host swap at {path} (removed at the end)")
-    try:
-        yield size // MiB
-    finally:
-        swap.remove(path)
-
-
 async def _measure_configured(cfg: BalloonConfig, x: int, disk: Path,
                               progress: Progress) -> dict[str, Any]:
     plan = _plan(cfg, f"{cfg.prefix}c{x}", x, disk)
@@ -418,7 +400,7 @@ async def run(cfg: BalloonConfig, progress: Progress = lambda s: None) -> Balloo
     try:
         disk = work / "disk.img"
         _make_disk(disk, cfg.disk_mib)
-        with _host_swap(cfg.mem_bytes, work, progress) as created_mib:
+        with host_swap(cfg.mem_bytes, work, progress) as created_mib:
             check_can_sample()  # page-out needs host swap and process_madvise
             progress(f"sizes {', '.join(map(str, cfg.sizes_mib))} MiB; {cfg.window_s:g} s per "
                      f"measurement; configured, ballooned from {cfg.mem_mib} MiB, swapped from "

@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from hv.eventlog import read_events
-from hv.errors import HvError
+from hv.errors import HostError, HvError
 
 __all__ = ["Daemon", "toml_table"]
 
@@ -94,6 +94,18 @@ class Daemon:
                               f"(see {self.stderr_path})")
             await asyncio.sleep(POLL_S)
         self.progress(f"hv run started (pid {self.proc.pid}), log {self.log}")
+
+    async def start_measured(self, names: list[str], sample_timeout_s: float) -> None:
+        """Start, wait until hv has sampled every VM in ``names`` once, and check that the
+        host is in the high state before any pressure (HostError if not: other work on
+        the host needs memory, and the experiment would not start from rest)."""
+        await self.start()
+        for n in names:
+            await self.wait_event("sample", sample_timeout_s, vm=n)
+        first = await self.wait_event("tick", 30, after_ts=time.time())
+        if first["state"] != "high":
+            raise HostError(f"the host is under pressure before the locker ({first['state']}): "
+                            "other work on it needs memory")
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:

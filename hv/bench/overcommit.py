@@ -41,8 +41,8 @@ from typing import Any
 from hv.bench import report
 from hv.bench.daemon import Daemon
 from hv.bench.fleet import Fleet, GuestPlan, Progress, refuse_if_daemon, wait_event
-from hv.errors import HostError, HvError, UsageError
-from hv.host import swap
+from hv.bench.hostswap import host_swap
+from hv.errors import UsageError
 from hv.host.pressure import MemoryLocker
 from hv.qemu import launch as launcher
 from hv.units import MiB, format_size, parse_size, table
@@ -206,13 +206,7 @@ async def _measure(cfg: OvercommitConfig, fleet: Fleet, hv: Daemon, locker: Memo
                    progress: Progress) -> OvercommitResult:
     names = cfg.names()
     hv.write_config({"sample_period_s": cfg.period_s}, _vm_tables(cfg, fleet))
-    await hv.start()
-    for n in names:
-        await hv.wait_event("sample", SAMPLE_TIMEOUT_S, vm=n)
-    first = await hv.wait_event("tick", 30, after_ts=time.time())
-    if first["state"] != "high":
-        raise HostError(f"the host is under pressure before the locker ({first['state']}): "
-                        "other work on it needs memory")
+    await hv.start_measured(names, SAMPLE_TIMEOUT_S)
     t0 = time.time()
     phases = await _schedule(cfg, hv, locker, t0, progress)
     keep = ("vm", "state", "target_bytes", "resident_bytes", "balloon_bytes", "swap_bytes",
@@ -235,32 +229,20 @@ def _need_swap_bytes(cfg: OvercommitConfig) -> int:
 async def run(cfg: OvercommitConfig, progress: Progress = lambda s: None) -> OvercommitResult:
     refuse_if_daemon("running the overcommit benchmark (it starts its own `hv run`)")
     workdir = Path(tempfile.mkdtemp(prefix="hv-bench-overcommit-", dir="/var/tmp"))
-    made_swap: Path | None = None
     progress(f"five guests ({', '.join(f'{v[0]} {v[1]} MiB {v[3]}' for v in VMS)}), min "
              f"{cfg.min_bytes // MiB} MiB; phases "
              + ", ".join(f"{n} {share * cfg.minutes:.1f} min" for n, _, share in PHASES))
     try:
-        _, free = swap.totals()
-        need = _need_swap_bytes(cfg)
-        if free < need:
-            made_swap = workdir / "swapfile"
-            swap.create(need - free + 64 * MiB, made_swap)
-            progress(f"host swap: created {(need - free) // MiB + 64} MiB at {made_swap}")
-        async with Fleet(_plans(cfg), progress, boot_timeout_s=FILL_TIMEOUT_S) as fleet:
-            for suffix, *_, ready in VMS:
-                await wait_event(f"{cfg.prefix}-{suffix}", ready, FILL_TIMEOUT_S)
-            progress("workloads in place")
-            with MemoryLocker() as locker:  # released after hv run stopped
-                async with Daemon(workdir / "hv", progress) as hv:
-                    result = await _measure(cfg, fleet, hv, locker, progress)
-            progress("pressure off, hv run stopped")
+        with host_swap(_need_swap_bytes(cfg), workdir, progress):
+            async with Fleet(_plans(cfg), progress, boot_timeout_s=FILL_TIMEOUT_S) as fleet:
+                for suffix, *_, ready in VMS:
+                    await wait_event(f"{cfg.prefix}-{suffix}", ready, FILL_TIMEOUT_S)
+                progress("workloads in place")
+                with MemoryLocker() as locker:  # released after hv run stopped
+                    async with Daemon(workdir / "hv", progress) as hv:
+                        result = await _measure(cfg, fleet, hv, locker, progress)
+                progress("pressure off, hv run stopped")
     finally:
-        if made_swap is not None:
-            try:
-                swap.remove(made_swap)
-                progress(f"host swap: removed {made_swap}")
-            except HvError as exc:
-                progress(f"could not remove {made_swap}: {exc} (`hv swap remove` later)")
         shutil.rmtree(workdir, ignore_errors=True)
     result.summary = analyse(result)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)

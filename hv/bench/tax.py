@@ -49,8 +49,8 @@ from typing import Any
 from hv.bench import report
 from hv.bench.daemon import Daemon
 from hv.bench.fleet import Fleet, GuestPlan, Progress, refuse_if_daemon, wait_event
-from hv.errors import HostError, HvError, UsageError
-from hv.host import swap
+from hv.bench.hostswap import host_swap
+from hv.errors import HostError, UsageError
 from hv.host.pressure import MemoryLocker, meminfo
 from hv.policy.states import DEFAULT_THRESHOLDS, MemState, StateTracker
 from hv.qemu import launch as launcher
@@ -261,13 +261,7 @@ async def _measure(cfg: TaxConfig, fleet: Fleet, hv: Daemon, locker: MemoryLocke
     vms = {vm.name: {"socket": vm.socket, "min": cfg.min_bytes, "max": cfg.mem_bytes,
                      "shares": 1000} for vm in fleet.vms}
     hv.write_config(_hv_host(cfg, 0.0), vms)
-    await hv.start()
-    for n in names:
-        await hv.wait_event("sample", SAMPLE_TIMEOUT_S, vm=n)
-    first = await hv.wait_event("tick", 30, after_ts=time.time())
-    if first["state"] != "high":
-        raise HostError(f"the host is under pressure before the locker ({first['state']}): "
-                        "other work on it needs memory")
+    await hv.start_measured(names, SAMPLE_TIMEOUT_S)
 
     total = meminfo()["MemTotal"]
     goal = StateTracker(total).free_goal_bytes()
@@ -335,33 +329,21 @@ async def run(cfg: TaxConfig, progress: Progress = lambda s: None) -> TaxResult:
              GuestPlan(cfg.active_name, cfg.mem_bytes, "toucher",
                        (("alloc_mib", str(cfg.ws_mib)), ("ws", str(cfg.ws_mib)), ("rate", "0")))]
     workdir = Path(tempfile.mkdtemp(prefix="hv-bench-tax-", dir="/var/tmp"))
-    made_swap: Path | None = None
     progress(f"two {cfg.mem_bytes // MiB} MiB guests (min {cfg.min_bytes // MiB} MiB, equal "
              f"shares): {cfg.idle_name} idle after {cfg.idle_mib} MiB, {cfg.active_name} touching "
              f"{cfg.ws_mib} MiB; pool {cfg.pool_mib} MiB; tax 0 then {cfg.tax_rate:g}, "
              f"{cfg.half_s:.0f} s each")
     try:
-        _, free = swap.totals()
-        need = _need_swap_bytes(cfg)
-        if free < need:
-            made_swap = workdir / "swapfile"
-            swap.create(need - free + 64 * MiB, made_swap)
-            progress(f"host swap: created {(need - free) // MiB + 64} MiB at {made_swap}")
-        async with Fleet(plans, progress, boot_timeout_s=FILL_TIMEOUT_S) as fleet:
-            await wait_event(cfg.idle_name, "hog_freed", FILL_TIMEOUT_S)
-            await wait_event(cfg.active_name, "toucher_filled", FILL_TIMEOUT_S)
-            progress("workloads in place: the idle guest freed its memory, the toucher filled")
-            with MemoryLocker() as locker:  # released after hv run stopped
-                async with Daemon(workdir / "hv", progress) as hv:
-                    result = await _measure(cfg, fleet, hv, locker, progress)
-            progress("pressure off")
+        with host_swap(_need_swap_bytes(cfg), workdir, progress):
+            async with Fleet(plans, progress, boot_timeout_s=FILL_TIMEOUT_S) as fleet:
+                await wait_event(cfg.idle_name, "hog_freed", FILL_TIMEOUT_S)
+                await wait_event(cfg.active_name, "toucher_filled", FILL_TIMEOUT_S)
+                progress("workloads in place: the idle guest freed its memory, the toucher filled")
+                with MemoryLocker() as locker:  # released after hv run stopped
+                    async with Daemon(workdir / "hv", progress) as hv:
+                        result = await _measure(cfg, fleet, hv, locker, progress)
+                progress("pressure off")
     finally:
-        if made_swap is not None:
-            try:
-                swap.remove(made_swap)
-                progress(f"host swap: removed {made_swap}")
-            except HvError as exc:
-                progress(f"could not remove {made_swap}: {exc} (`hv swap remove` later)")
         shutil.rmtree(workdir, ignore_errors=True)
     result.summary = analyse(result, cfg.active_name, cfg.idle_name)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
