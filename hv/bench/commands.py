@@ -12,6 +12,7 @@ converge, a shape the paper shows that this run does not).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 from typing import Any
 
@@ -34,66 +35,27 @@ async def _run(module: str, args: argparse.Namespace) -> int:
     return 0 if result.complete else MISSED
 
 
-async def cmd_bench_sharing(args: argparse.Namespace) -> int:
-    return await _run("sharing", args)
-
-
-async def cmd_bench_sampling(args: argparse.Namespace) -> int:
-    return await _run("sampling", args)
-
-
-async def cmd_bench_tax(args: argparse.Namespace) -> int:
-    return await _run("tax", args)
-
-
-async def cmd_bench_workloads(args: argparse.Namespace) -> int:
-    return await _run("workloads", args)
-
-
-async def cmd_bench_overcommit(args: argparse.Namespace) -> int:
-    return await _run("overcommit", args)
+# Each experiment: (subcommand = module of hv.bench, help).  In the paper's order.
+EXPERIMENTS = (
+    ("balloon", "Figure 2: a workload's throughput in a guest booted at X, ballooned down "
+     "to X, and held at X by hypervisor swap"),
+    ("sharing", "Figure 4: boot N guests from one image; measure what is shared, what KSM "
+     "merges and how fast, per KSM policy"),
+    ("workloads", "Figure 5: Debian guests running real services (web, database, cache, "
+     "runtime) under load; shared, reclaimed, zero pages"),
+    ("sampling", "Figure 6: the working-set estimates against a working set that grows, "
+     "shrinks and grows again"),
+    ("tax", "Figure 7: an idle and an active VM under host pressure; the idle memory tax "
+     "(0, then 0.75 by reload) moves memory to the active one"),
+    ("overcommit", "Figure 8: five VMs with mixed workloads overcommit the host under a "
+     "memory locker's pressure; states and allocations"),
+)
 
 
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="the paper's experiments on real guests")
     sub = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
-
-    from hv.bench import sampling, sharing
-
-    b = sub.add_parser("sharing", help="Figure 4: boot N guests from one image; measure what "
-                       "is shared, what KSM merges and how fast, per KSM policy")
-    sharing.add_arguments(b)
-    b.set_defaults(func=cmd_bench_sharing)
-
-    b = sub.add_parser("sampling", help="Figure 6: the working-set estimates against a "
-                       "working set that grows, shrinks and grows again")
-    sampling.add_arguments(b)
-    b.set_defaults(func=cmd_bench_sampling)
-
-    from hv.bench import tax
-
-    b = sub.add_parser("tax", help="Figure 7: an idle and an active VM under host pressure; "
-                       "the idle memory tax (0, then 0.75 by reload) moves memory to the active one")
-    tax.add_arguments(b)
-    b.set_defaults(func=cmd_bench_tax)
-
-    from hv.bench import workloads
-
-    b = sub.add_parser("workloads", help="Figure 5: Debian guests running real services "
-                       "(web, database, cache, runtime) under load; shared, reclaimed, zero pages")
-    workloads.add_arguments(b)
-    b.set_defaults(func=cmd_bench_workloads)
-
-    from hv.bench import balloon
-
-    b = sub.add_parser("balloon", help="Figure 2: a workload's throughput in a guest booted "
-                       "at X, ballooned down to X, and held at X by hypervisor swap")
-    balloon.add_arguments(b)
-    b.set_defaults(func=lambda args: _run("balloon", args))
-
-    from hv.bench import overcommit
-
-    b = sub.add_parser("overcommit", help="Figure 8: five VMs with mixed workloads overcommit "
-                       "the host under a memory locker's pressure; states and allocations")
-    overcommit.add_arguments(b)
-    b.set_defaults(func=cmd_bench_overcommit)
+    for name, help_text in EXPERIMENTS:
+        b = sub.add_parser(name, help=help_text)
+        importlib.import_module(f"hv.bench.{name}").add_arguments(b)
+        b.set_defaults(func=functools.partial(_run, name))
