@@ -28,9 +28,13 @@ __all__ = ["COLLECT_TIMEOUT_S", "REPORT_MAX_AGE_S", "collect", "host_available_b
 # is a VM in trouble.  It runs as the VM's own job, so it stalls only that VM.
 COLLECT_TIMEOUT_S = 10.0
 
-# A guest report older than its polling period (plus a second for QEMU's whole-second
-# timestamp) is not used to decide anything.
-REPORT_MAX_AGE_S = STATS_POLL_INTERVAL_S + 1.0
+# A guest report older than this is not used to decide anything: one polling period
+# missed, plus a second for QEMU's whole-second timestamp.  One period alone is not
+# enough: a guest's reports come every 2.03-2.06 s under TCG, so with the timestamp's
+# second a report read just before the next one is due was often 3.05 s old, and
+# every other tick threw the guest's need away (measured in CI: no balloon at all
+# for 40 s under hard host pressure).
+REPORT_MAX_AGE_S = 2 * STATS_POLL_INTERVAL_S + 1.0
 
 
 def host_available_bytes() -> int:
@@ -81,7 +85,8 @@ def _absorb(ctx: Context, m: ManagedVM, r: Reading) -> None:
     still = m.last_actual == r.balloon_bytes
     m.last_actual = r.balloon_bytes
     if problem is not None or g.total_bytes is None or g.age_s is None:
-        m.need.reset()
+        if not (report.age_s is not None and report.age_s > REPORT_MAX_AGE_S):
+            m.need.reset()  # a late report only goes unused; a wrong one restarts the trend
         m.need_bytes = None
         return
     size = info.ram_bytes if info.deflate_on_oom else r.balloon_bytes

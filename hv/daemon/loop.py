@@ -401,10 +401,18 @@ class Daemon:
 
     def _due(self, m: ManagedVM, now_s: float) -> bool:
         """Whether ``m`` is read this tick: always while anything may need doing (a worse
-        state than high, a balloon on its way, a VM hv paused, no reading yet), else every
-        ``host.idle_collect_s``."""
+        state than high, a balloon on its way, a VM hv paused, no reading yet) or while
+        its guest reports but hv does not know its need yet, else every
+        ``host.idle_collect_s``.
+
+        The need takes a few distinct reports (the boot reserve, then two that agree the
+        use stopped growing): read only every 10 s, a VM attached under a host that then
+        fell to hard could not be ballooned for 40 s, and was paged out instead (CI).
+        """
         r = m.reading
         if r is None or m.failing is not None or self.state > MemState.HIGH or m.paused_by_hv:
+            return True
+        if m.need_bytes is None and m.report_problem is None:
             return True
         if m.balloon_asked is not None and abs(r.balloon_bytes - m.balloon_asked) > BALLOON_TOLERANCE_BYTES:
             return True

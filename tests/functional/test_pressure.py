@@ -121,8 +121,12 @@ def start_hv(tmp_path: Path, vms: list[dict[str, Any]]) -> HvRun:
     try:
         # Before any pressure: every VM measured once (so estimates are real) and the
         # host in high, so what follows is hv's answer to the pressure we make.
+        # Each guest's need known too (a few reports after attach, read every tick until
+        # then): without it hv cannot balloon, and would page out first.
         for g in vms:
             hv.wait_event("sample", 60, vm=g["name"])
+            wait_for(lambda: any(t["need_bytes"] is not None for t in hv.ticks(g["name"])), 60,
+                     f"hv to know what {g['name']} needs")
         tick = hv.wait_event("tick", 10)
         assert tick["state"] == "high", f"host already under pressure: {describe(hv, [])}"
     except BaseException:
