@@ -194,6 +194,27 @@ class FakeScanner:
         self.closed = True
 
 
+class FakeVM:
+    """The final reading's QMP handle: records what was done to each guest."""
+
+    calls: list[tuple[str, str]] = []
+
+    def __init__(self, name: str, socket: str) -> None:
+        self.name = name
+
+    async def attach(self) -> None:
+        self.calls.append((self.name, "attach"))
+
+    async def pause(self) -> None:
+        self.calls.append((self.name, "pause"))
+
+    async def resume(self) -> None:
+        self.calls.append((self.name, "resume"))
+
+    async def detach(self) -> None:
+        self.calls.append((self.name, "detach"))
+
+
 def test_the_run_waits_for_every_service_then_loads_and_puts_ksm_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from hv.host.ksm import Ksm
@@ -214,6 +235,8 @@ def test_the_run_waits_for_every_service_then_loads_and_puts_ksm_back(
     monkeypatch.setattr(workloads, "unmerge", lambda ksm: None)
     monkeypatch.setattr(workloads, "refuse_if_daemon", lambda what: None)
     monkeypatch.setattr(workloads, "other_ksm_users", lambda mine: [])
+    monkeypatch.setattr(workloads, "VM", FakeVM)
+    FakeVM.calls = []
     # nginx comes up; postgresql fails; the load lines say 10 ops a second.
     console = {("wl-nginx", "service_ready"): [{"setup_s": "3"}],
                ("wl-postgresql", "error"): [{"what": "service", "step": "pgbench_init"}],
@@ -226,6 +249,9 @@ def test_the_run_waits_for_every_service_then_loads_and_puts_ksm_back(
     lines: list[str] = []
     res = asyncio.run(workloads.run(cfg, lines.append))
     assert FakeFleet.stopped
+    # The final reading: every guest paused, then resumed and let go.
+    for name in ("wl-nginx", "wl-postgresql"):
+        assert [c for n, c in FakeVM.calls if n == name] == ["attach", "pause", "resume", "detach"]
     assert (root / "run").read_text().strip() == "0" and not (tmp_path / "saved.json").exists()
     assert [r.workload for r in res.rows] == ["nginx", "postgresql"]
     nginx, pg = res.rows
