@@ -508,7 +508,8 @@ class Daemon:
             m.decided_s = m.reading.at_s
             m.next_collect_s = m.reading.at_s + host.idle_collect_s
             if not m.busy and m in fresh:
-                m.job = asyncio.create_task(act(self.ctx, m, state, defer_swap))
+                m.job = asyncio.create_task(act(self.ctx, m, state, defer_swap,
+                                                  host.hypervisor_swap))
                 jobs.append(m.job)
         await self._wait_jobs(jobs, host.poll_interval_s if self.options.once else half)
 
