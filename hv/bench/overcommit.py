@@ -16,7 +16,9 @@ workloads and the same pressure schedule (``--series`` picks some):
 - ``none``: no ``hv run``; the host kernel swaps the QEMU processes by itself.
 
 **The pressure.**  The memory locker (:mod:`hv.host.pressure`) plays a co-tenant that
-takes memory in bursts (soft, hard, low) and lets it all go between them.  Each burst
+holds a base (MemAvailable :data:`REST_PCT` % of the host, taken before the schedule
+and before hv starts), takes more in bursts (soft, hard, low), goes back to its base
+between them and releases everything in the last phase.  Each burst
 is sized at its start from what the VMs hold above their mins then (``above``, their
 resident guest RAM less ``min``, summed; read from ``smaps`` as hv reads it), by
 :func:`burst_level_bytes`: MemAvailable is taken to the burst's nominal level (3, 1.5,
@@ -60,13 +62,13 @@ from hv.qemu import launch as launcher
 from hv.qemu.vm import VMInfo
 from hv.units import MiB, format_size, parse_size
 
-__all__ = ["OvercommitConfig", "OvercommitResult", "PHASES", "SERIES", "COVER",
+__all__ = ["OvercommitConfig", "OvercommitResult", "PHASES", "SERIES", "COVER", "REST_PCT",
            "add_arguments", "config_from_args", "run", "format_result", "analyse",
            "save_plot", "burst_level_bytes", "oom_kills"]
 
 # (name, nominal MemAvailable of the burst, % of MemTotal, and the state it must reach;
-# None: release all; share of the schedule).  hv's thresholds: high above 6 %, soft
-# below 4, hard below 2, low below 1 (README).
+# None: back to the rest level, or (the last) release all; share of the schedule).
+# hv's thresholds: high above 6 %, soft below 4, hard below 2, low below 1 (README).
 PHASES: tuple[tuple[str, float | None, MemState | None, float], ...] = (
     ("before", None, None, 0.08),
     ("soft", 3.0, MemState.SOFT, 0.17),
@@ -76,6 +78,12 @@ PHASES: tuple[tuple[str, float | None, MemState | None, float], ...] = (
     ("low", 0.8, MemState.LOW, 0.15),
     ("released", None, None, 0.23),
 )
+# Between bursts the co-tenant keeps a base locked, leaving MemAvailable at this level
+# (% of the host, ~2.9 GiB on 24 GiB): well above hv's free goal (6.5 %), by more than
+# the VMs grow back in a rest (the web toucher's 500 MiB working set, ~2 %).  Each burst
+# then locks ~2 GiB on top, in seconds, instead of ~20 GiB from nothing (~30 s here,
+# which would eat the bursts of a 4-minute schedule).  The last phase releases all.
+REST_PCT = 12.0
 
 # The series: name -> hv run's reclaim mode (None: no hv run).
 SERIES: dict[str, str | None] = {"hv": "balloon+swap", "balloon": "balloon", "none": None}
@@ -114,7 +122,7 @@ OOM_RE = re.compile(r"Out of memory|oom-kill|invoked oom-killer")
 
 @dataclass(frozen=True)
 class OvercommitConfig:
-    minutes: float = 4.0
+    minutes: float = 3.0
     min_bytes: int = 160 * MiB
     period_s: float = 10.0
     series: tuple[str, ...] = tuple(SERIES)
@@ -160,8 +168,9 @@ def config_from_args(a: argparse.Namespace) -> OvercommitConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--minutes", type=float, default=4.0,
-                   help="length of each series' pressure schedule (default 4; boots come on top)")
+    p.add_argument("--minutes", type=float, default=3.0,
+                   help="length of each series' pressure schedule (default 3; boots, fills "
+                   "and the co-tenant's base come on top, ~2.5 min per series)")
     p.add_argument("--series", default=",".join(SERIES),
                    help="which series, in order: hv (hv run), balloon (hv run with "
                    "reclaim = \"balloon\"), none (no hv: host swap alone) (default all three)")
@@ -265,20 +274,22 @@ class _Recorder:
 
 async def _schedule(cfg: OvercommitConfig, rec: _Recorder, locker: MemoryLocker,
                     alive: Any) -> list[dict[str, Any]]:
-    """Run the phases; what the locker did in each, and why."""
+    """Run the phases; what the locker did in each, and why.  Each phase lasts its share
+    of the schedule from when the locker is done (locking ~20 GiB takes 5-20 s)."""
     total_s = cfg.minutes * 60
     mem_total = meminfo()["MemTotal"]
     tracker = StateTracker(mem_total)
     goal = tracker.free_goal_bytes()
     out: list[dict[str, Any]] = []
-    start = 0.0
     for name, level_pct, state, share in PHASES:
-        end = start + share * total_s
         row: dict[str, Any] = {"phase": name, "level_pct": level_pct,
                                "state": None if state is None else str(state)}
-        if level_pct is None:
+        if level_pct is None and name == PHASES[-1][0]:
             got = locker.release()
             what = "released"
+        elif level_pct is None:
+            got = locker.set_level(REST_PCT)
+            what = f"MemAvailable back to {REST_PCT:g} %"
         else:
             assert state is not None
             above = rec.above_min()
@@ -293,6 +304,7 @@ async def _schedule(cfg: OvercommitConfig, rec: _Recorder, locker: MemoryLocker,
         row.update(start_s=round(time.time() - rec.t0, 2), locked_bytes=got.locked_bytes,
                    available_bytes=got.available_bytes)
         out.append(row)
+        end = row["start_s"] + share * total_s  # the phase's length after the locking
         rec.progress(f"phase {name}: {what}: locked {got.locked_bytes // MiB} MiB, available "
                      f"{got.available_bytes // MiB} MiB")
         next_sample = next_say = 0.0
@@ -306,7 +318,6 @@ async def _schedule(cfg: OvercommitConfig, rec: _Recorder, locker: MemoryLocker,
                 next_say = now + PROGRESS_EVERY_S
             await asyncio.sleep(0.5)
         row["end_s"] = round(time.time() - rec.t0, 2)
-        start = end
     rec.sample()
     return out
 
@@ -345,6 +356,7 @@ async def _series(cfg: OvercommitConfig, kind: str, workdir: Path,
     """One series on freshly booted guests."""
     reclaim = SERIES[kind]
     names = cfg.names()
+    began = time.time()
     progress(f"== series {kind}: " + ("no hv run (host swap alone)" if reclaim is None
                                       else f"hv run, reclaim = {reclaim!r}"))
     async with Fleet(_plans(cfg), progress, boot_timeout_s=FILL_TIMEOUT_S) as fleet:
@@ -352,6 +364,8 @@ async def _series(cfg: OvercommitConfig, kind: str, workdir: Path,
             await wait_event(f"{cfg.prefix}-{suffix}", ready, FILL_TIMEOUT_S)
         progress("workloads in place")
         with MemoryLocker() as locker:  # released after hv run stopped
+            base = locker.set_level(REST_PCT)
+            progress(f"the co-tenant's base: {base}")
             async with _maybe_daemon(workdir / f"hv-{kind}", reclaim, progress) as hv:
                 if hv is not None:
                     hv.write_config({"sample_period_s": cfg.period_s, "reclaim": reclaim},
@@ -370,7 +384,8 @@ async def _series(cfg: OvercommitConfig, kind: str, workdir: Path,
                     out.update(_hv_record(hv, names, t0))
         out["oom_kills"] = {n: oom_kills(launcher.console_log(n).read_text(errors="replace"))
                             for n in names if launcher.console_log(n).exists()}
-    progress(f"series {kind} done: guests stopped")
+    out["wall_s"] = round(time.time() - began, 1)
+    progress(f"series {kind} done in {out['wall_s'] / 60:.1f} min: guests stopped")
     return out
 
 
@@ -396,7 +411,7 @@ async def run(cfg: OvercommitConfig, progress: Progress = lambda s: None) -> Ove
     conf["vms"] = {f"{cfg.prefix}-{v[0]}": {"mib": cfg.mib(v[1]), "shares": v[2], "workload": v[3],
                                             "params": dict(_params(cfg, v[4]))} for v in VMS}
     conf["active"] = [f"{cfg.prefix}-{a}" for a in ACTIVE]
-    conf.update(cover=COVER, entry_margin_pct=ENTRY_MARGIN_PCT,
+    conf.update(cover=COVER, entry_margin_pct=ENTRY_MARGIN_PCT, rest_pct=REST_PCT,
                 mem_total_bytes=meminfo()["MemTotal"], thresholds_pct=report.jsonable(DEFAULT_THRESHOLDS))
     result = OvercommitResult(conf, series)
     result.summary = analyse(result)

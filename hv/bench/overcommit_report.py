@@ -6,7 +6,8 @@ above hv's low threshold (1 % of the host) at every sample of the schedule excep
 first :data:`GRACE_S` seconds of each burst, counted from when the locker finished
 locking.  The locker itself takes MemAvailable to 0.8 % in the low burst, and hv
 needs a few ticks to see it, inflate balloons (a TCG guest gives a few hundred MiB/s)
-and page out (64 MiB per VM per tick): 20 s is that with room for a slow guest.
+and page out (64 MiB per VM per tick): 15 s is that with room for a slow guest (a
+third to a half of a burst of the default 3-minute schedule).
 
 **Shape** (exit 3 if missed), judged on the ``hv`` series only: free memory held as
 above; no guest OOM-killed; every burst takes hv out of high, and hv brings the host
@@ -29,7 +30,7 @@ from hv.units import MiB, table
 __all__ = ["OvercommitResult", "analyse", "format_result", "save_plot", "GRACE_S",
            "phase_rate"]
 
-GRACE_S = 20.0
+GRACE_S = 15.0
 FALL_MIB = 128  # the VMs gave up memory under pressure: far above tick-to-tick noise
 RISE_MIB = 128  # and got it back after the release
 RATE_WINDOW_S = 10.0  # the plot's throughput: passes over this many seconds
