@@ -298,13 +298,16 @@ def save_plot(result: OvercommitResult) -> None:
     low = result.summary.get("low_threshold_mib")
     if low:
         top.axhline(low, color="tab:red", lw=0.8, ls=":", label="hv's low threshold")
+    rest = cfg.get("rest_pct", 0) * cfg.get("mem_total_bytes", 0) / 100 / MiB
+    if rest:  # the co-tenant's release at the end would squash the rest out of sight
+        top.set_ylim(0, 1.5 * rest)
     for p in main["phases"]:
         for ax in axes:
             ax.axvline(p["start_s"], color="grey", lw=0.6)
         top.text(p["start_s"], 0.97, f" {p['phase']}", fontsize=8, va="top",
                  transform=top.get_xaxis_transform())
     top.legend(fontsize=7, loc="upper right", ncol=4)
-    top.set(ylabel="MiB", ylim=(0, None),
+    top.set(ylabel="MiB", ylim=(0, top.get_ylim()[1] if rest else None),
             title=f"Overcommit (cf. ESX Fig. 8): host free memory (MemAvailable) per series; "
             f"bands: {main_kind} series' hv state ({', '.join(STATE_COLORS)})")
     top.title.set_fontsize(9)
