@@ -291,10 +291,13 @@ def save_plot(result: OvercommitResult) -> None:
         xs = [s["t_s"] for s in ser["samples"]]
         top.plot(xs, [s["free_bytes"] / MiB for s in ser["samples"]],
                  color=SERIES_COLORS.get(kind, "grey"), lw=1.2, label=f"{kind}: free memory")
+        before = result.summary.get("series", {}).get(kind, {}).get("before_passes_per_s", {})
         for n, style in zip(cfg.get("active", []), ("--", "-")):
             rx, ry = _rates(ser["samples"], n)
-            mid.plot(rx, ry, style, color=SERIES_COLORS.get(kind, "grey"), lw=1,
-                     label=f"{kind}: {n}")
+            base = before.get(n) or 0.0
+            if base > 0:  # each toucher against its own rate before the pressure
+                mid.plot(rx, [100 * y / base for y in ry], style,
+                         color=SERIES_COLORS.get(kind, "grey"), lw=1, label=f"{kind}: {n}")
     low = result.summary.get("low_threshold_mib")
     if low:
         top.axhline(low, color="tab:red", lw=0.8, ls=":", label="hv's low threshold")
@@ -311,8 +314,8 @@ def save_plot(result: OvercommitResult) -> None:
             title=f"Overcommit (cf. ESX Fig. 8): host free memory (MemAvailable) per series; "
             f"bands: {main_kind} series' hv state ({', '.join(STATE_COLORS)})")
     top.title.set_fontsize(9)
-    mid.set(ylabel="passes/s", ylim=(0, None), title="active VMs' throughput (toucher passes "
-            f"per second over {RATE_WINDOW_S:g} s), per series")
+    mid.set(ylabel="% of before", ylim=(0, None), title="active VMs' throughput (toucher passes "
+            f"per second over {RATE_WINDOW_S:g} s) as % of its rate before the pressure, per series")
     mid.title.set_fontsize(9)
     mid.legend(fontsize=7, loc="upper right", ncol=3)
     for ax, name in zip(axes[2:], names):
