@@ -210,7 +210,7 @@ class Daemon:
         log.write("start", pid=os.getpid(), config=config.source,
                   managed_bytes=config.host.managed_bytes, vms=[v.name for v in self.vms],
                   sampling=self.sampling, sample_pages=config.host.sample_pages,
-                  sample_period_s=config.host.sample_period_s,
+                  sample_period_s=config.host.sample_period_s, reclaim=config.host.reclaim,
                   forced_state=str(self.options.force_state) if self.options.force_state else None)
 
     def _load_config(self) -> Config:

@@ -454,6 +454,7 @@ def test_reclaim_by_balloon_only_never_pages_out(sim: Sim, monkeypatch: pytest.M
         assert sim.events("pause", vm="stuck") and stuck.run_state == "paused"
 
     run(sim, scenario)
+    assert sim.events("start")[0]["reclaim"] == reclaim
     swapped = {e["why"] for e in sim.events("swap", vm="stuck")}
     if reclaim == "balloon":
         assert not sim.events("swap") and not h.paged_out
