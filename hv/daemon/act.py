@@ -12,6 +12,9 @@ By state (:func:`~hv.policy.actions_for`):
   holds swapping back for a while);
 - low: VMs above target are paused until they are at target or the state recovers.
 
+With ``[host] reclaim = "balloon"`` (``hypervisor_swap`` False) nothing is paged out,
+neither in hard and low nor for a stuck balloon; ballooning and pausing are unchanged.
+
 Only what hv paused is hv's to resume: a VM someone else paused keeps its state and
 is left alone; one hv paused that someone else resumed is no longer hv's, and is not
 paused again until the state has left low (it is still ballooned and swapped).
@@ -73,10 +76,11 @@ async def resume(ctx: Context, m: ManagedVM, why: str) -> None:
     ctx.log.write("resume", vm=m.name, why=why)
 
 
-async def act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) -> None:
+async def act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool,
+              hypervisor_swap: bool = True) -> None:
     """The VM's action job for this tick.  A QEMU that exits marks the VM gone."""
     try:
-        await _act(ctx, m, state, defer_swap)
+        await _act(ctx, m, state, defer_swap, hypervisor_swap)
     except (VMGone, native.ProcessGone) as exc:
         m.gone = str(exc)
     except HvError as exc:
@@ -88,11 +92,12 @@ async def act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) -> 
         m.act_problem = None
 
 
-async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) -> None:
+async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool,
+               hypervisor_swap: bool) -> None:
     assert m.reading is not None and m.target_bytes is not None
     r, target = m.reading, m.target_bytes
     running = r.run_state == "running"
-    actions = actions_for(state)
+    actions = actions_for(state, hypervisor_swap)
     if not actions.pause_above_target:
         m.pause_overridden = False  # a new low episode may pause it again
     if m.paused_by_hv and running:
@@ -120,7 +125,8 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool) ->
                       actual_bytes=r.balloon_bytes, resident_bytes=r.resident_bytes,
                       need_bytes=m.need_bytes, state=str(state))
 
-    stuck = actions.balloon and m.progress.cannot_reach(now, target, r.resident_bytes)
+    stuck = (hypervisor_swap and actions.balloon
+             and m.progress.cannot_reach(now, target, r.resident_bytes))
     if (actions.swap and not defer_swap) or stuck:
         n = swap_pages_for(r.resident_bytes, target)
         if n:

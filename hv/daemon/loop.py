@@ -210,7 +210,7 @@ class Daemon:
         log.write("start", pid=os.getpid(), config=config.source,
                   managed_bytes=config.host.managed_bytes, vms=[v.name for v in self.vms],
                   sampling=self.sampling, sample_pages=config.host.sample_pages,
-                  sample_period_s=config.host.sample_period_s,
+                  sample_period_s=config.host.sample_period_s, reclaim=config.host.reclaim,
                   forced_state=str(self.options.force_state) if self.options.force_state else None)
 
     def _load_config(self) -> Config:
@@ -508,7 +508,8 @@ class Daemon:
             m.decided_s = m.reading.at_s
             m.next_collect_s = m.reading.at_s + host.idle_collect_s
             if not m.busy and m in fresh:
-                m.job = asyncio.create_task(act(self.ctx, m, state, defer_swap))
+                m.job = asyncio.create_task(act(self.ctx, m, state, defer_swap,
+                                                  host.hypervisor_swap))
                 jobs.append(m.job)
         await self._wait_jobs(jobs, host.poll_interval_s if self.options.once else half)
 

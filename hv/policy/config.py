@@ -12,6 +12,7 @@ Example, with every default spelled out::
     poll_interval_s = 1      # how often free memory is read and targets recomputed
     share_interval_s = 10    # how often pages are scanned for sharing and KSM re-steered; 0: off
     idle_collect_s = 10      # how often a VM is read while the host is in high and it needs nothing
+    reclaim = "balloon+swap" # "balloon": never page a VM out (hypervisor swap off)
 
     [vm.web]
     socket = "/run/web/qmp.sock"   # attach to this running QEMU; omit for the guest hv launched as "web"
@@ -60,6 +61,7 @@ __all__ = [
     "DEFAULT_SHARES",
     "DEFAULT_SHARE_INTERVAL_S",
     "DEFAULT_IDLE_COLLECT_S",
+    "RECLAIM_MODES",
     "HostConfig",
     "VMConfig",
     "LibvirtConfig",
@@ -94,6 +96,11 @@ DEFAULT_IDLE_COLLECT_S = 10.0
 # 30 s: 20 s keeps a margin for a slow read.
 MAX_IDLE_COLLECT_S = 20.0
 
+# How hv may reclaim: the paper's ladder (balloon in soft, hypervisor swap in hard and
+# when a balloon cannot reach its target, pause in low), or the balloon alone (no
+# page-out; pausing in low stays).  The first is the default.
+RECLAIM_MODES = ("balloon+swap", "balloon")
+
 # One value for every VM that does not say, so plain configs share memory equally;
 # only ratios between VMs matter, and 1000 leaves room for finer weights.
 DEFAULT_SHARES = 1000
@@ -103,7 +110,8 @@ _VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 _HOST_KEYS = frozenset(
     {"managed", "tax_rate", "sample_pages", "sample_period_s", "thresholds_pct",
-     "hysteresis_pct", "poll_interval_s", "share_interval_s", "idle_collect_s"}
+     "hysteresis_pct", "poll_interval_s", "share_interval_s", "idle_collect_s",
+     "reclaim"}
 )
 _THRESHOLD_KEYS = ("high", "soft", "hard", "low")
 _VM_KEYS = frozenset({"socket", "libvirt", "uri", "min", "max", "shares", "ksm"})
@@ -124,6 +132,12 @@ class HostConfig:
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     share_interval_s: float = DEFAULT_SHARE_INTERVAL_S
     idle_collect_s: float = DEFAULT_IDLE_COLLECT_S
+    reclaim: str = RECLAIM_MODES[0]
+
+    @property
+    def hypervisor_swap(self) -> bool:
+        """Whether hv may page VMs out (``reclaim = "balloon+swap"``)."""
+        return self.reclaim == "balloon+swap"
 
 
 @dataclass(frozen=True)
@@ -324,6 +338,9 @@ def _parse_host(source: str, table: Mapping[str, Any], host_memory_bytes: int) -
     if not 0 <= idle_collect <= MAX_IDLE_COLLECT_S:
         r.fail("idle_collect_s", f"must be between 0 (every poll) and {MAX_IDLE_COLLECT_S:g}, "
                                  f"got {idle_collect:g}")
+    reclaim = r.string("reclaim") or RECLAIM_MODES[0]
+    if reclaim not in RECLAIM_MODES:
+        r.fail("reclaim", f"must be {' or '.join(map(repr, RECLAIM_MODES))}, not {reclaim!r}")
 
     t = _Reader(source, "host.thresholds_pct.", r.table_of("thresholds_pct"),
                 frozenset(_THRESHOLD_KEYS))
@@ -353,6 +370,7 @@ def _parse_host(source: str, table: Mapping[str, Any], host_memory_bytes: int) -
         poll_interval_s=poll,
         share_interval_s=share,
         idle_collect_s=idle_collect,
+        reclaim=reclaim,
     )
 
 

@@ -182,11 +182,12 @@ class Actions:
     pause_above_target: bool
 
 
-def actions_for(state: MemState) -> Actions:
-    """The paper's ladder: each worse state adds a harsher mechanism."""
+def actions_for(state: MemState, hypervisor_swap: bool = True) -> Actions:
+    """The paper's ladder: each worse state adds a harsher mechanism.  Without
+    ``hypervisor_swap`` (``reclaim = "balloon"``) no state pages VMs out."""
     return Actions(
         balloon=state >= MemState.SOFT,
-        swap=state >= MemState.HARD,
+        swap=hypervisor_swap and state >= MemState.HARD,
         pause_above_target=state >= MemState.LOW,
     )
 

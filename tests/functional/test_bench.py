@@ -153,6 +153,48 @@ def test_bench_balloon_refuses_bad_input_in_one_line(run_dir: Path, state_dir: P
     assert not list(run_dir.glob("*/qemu.pid")), "nothing was launched"
 
 
+def test_bench_overcommit_short_hv_series(run_dir: Path, state_dir: Path, tmp_path: Path) -> None:
+    """A short `hv bench overcommit` (quarter-size guests, a 1-minute schedule, the hv
+    series): the real hv run, locker, five guests and their workloads."""
+    out = tmp_path / "out"
+    r = hv_cli("bench", "overcommit", "--series", "hv", "--minutes", "1", "--scale", "0.25",
+               "--min", "96M", "--period", "3", "--prefix", "boc", "--out", str(out),
+               timeout_s=240)
+    print(r.stdout[-4000:])
+    assert r.returncode in (0, 3), r.stdout[-2000:] + r.stderr  # 3: a shape missed (judged below)
+    assert "Traceback" not in r.stderr
+    doc = json.loads((out / "overcommit.json").read_text())
+    assert (out / "overcommit.png").stat().st_size > 10_000
+    assert {"host", "config", "summary", "series"} <= doc.keys()
+    (kind, series), = doc["series"].items()
+    assert kind == "hv" and series["reclaim"] == "balloon+swap"
+    assert {"phases", "samples", "ticks", "states", "actions", "oom_kills"} <= series.keys()
+    names = {f"boc-{v}" for v in ("idle", "web", "db", "cache", "batch")}
+    assert {t["vm"] for t in series["ticks"]} == names == set(series["oom_kills"])
+    bursts = [p for p in series["phases"] if p["level_pct"] is not None]
+    assert [p["phase"] for p in bursts] == ["soft", "hard", "low"]
+    for p in bursts:  # each burst sized from what the VMs held above their mins
+        assert p["above_min_bytes"] > 0 and p["locked_bytes"] > 0 and p["covered"] in (True, False)
+    assert all(s["passes"]["boc-batch"] is not None for s in series["samples"][-3:]), \
+        "the batch toucher's passes were read from its console"
+    rows = doc["summary"]["series"]["hv"]["phases"]
+    assert rows[0]["passes_per_s"]["boc-batch"] > 0
+    # The shape checked here: every burst took hv out of high, and no guest was OOM-killed.
+    assert all(row["worst"] != "high" for row in rows if row["phase"] in ("soft", "hard", "low")), rows
+    assert doc["summary"]["series"]["hv"]["oom_kills"] == 0
+    assert (r.returncode == 0) == (doc["summary"]["misses"] == [])
+    assert not list(run_dir.glob("*/qemu.pid")) and not list(run_dir.glob("*/qmp.sock"))
+    assert "hv-bench-overcommit-" not in Path("/proc/swaps").read_text()
+
+
+def test_bench_overcommit_refuses_bad_input_in_one_line(run_dir: Path, state_dir: Path) -> None:
+    for args in (["--series", "hv,esx"], ["--scale", "3"], ["--minutes", "0"]):
+        r = hv_cli("bench", "overcommit", *args)
+        assert r.returncode == 2 and r.stderr.startswith("hv: error:"), (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not list(run_dir.glob("*/qemu.pid")), "nothing was launched"
+
+
 def test_bench_workloads_two_services_reconcile_with_the_kernel(
         run_dir: Path, state_dir: Path, tmp_path: Path) -> None:
     """Two Debian guests running real services (the services image, built by

@@ -46,6 +46,7 @@ from hv.errors import VMGone
 from hv.eventlog import read_events
 from hv.host import proc, swap
 from hv.host.proc import RangeUsage
+from hv.policy import reclaim as reclaim_mod
 from hv.policy import MemState
 from hv.qemu.vm import GuestStats, RamRange, VMInfo, VMState
 from hv.sampler import SamplerUnavailable
@@ -423,6 +424,42 @@ def test_untrusted_reports_neither_shrink_a_balloon_nor_touch_neighbours(sim: Si
         assert not busy.acted() and not [p for p in h.paged_out if p[0] == "busy"]
 
     run(sim, scenario)
+
+
+@pytest.mark.parametrize("reclaim", ["balloon+swap", "balloon"])
+def test_reclaim_by_balloon_only_never_pages_out(sim: Sim, monkeypatch: pytest.MonkeyPatch,
+                                                 reclaim: str) -> None:
+    """``reclaim = "balloon"``: a VM whose balloon cannot shrink (stale reports) is not
+    paged out in soft, hard or low; the honest one is still ballooned; low still pauses.
+    The default pages it out (soft: its balloon is stuck; hard and low: above target)."""
+    monkeypatch.setattr(reclaim_mod, "BALLOON_STUCK_S", 0.0)  # stuck from its first tick
+    h = sim.host
+    stuck = h.guest("stuck", report="stale")
+    h.guest("twin")
+    sim.write_config({"stuck": 'min = "512M"', "twin": 'min = "512M"'}, f'reclaim = "{reclaim}"')
+    h.set_available(1 * GiB)
+
+    async def scenario(d: Daemon) -> None:
+        for n in ("stuck", "twin"):
+            set_active(d, n, IDLE_FRACTION)
+        await sim.tick(d, WARMUP_TICKS)
+        for level in (int(HOST_BYTES * 0.03), int(HOST_BYTES * 0.015), int(HOST_BYTES * 0.005)):
+            for _ in range(2):  # a host process takes whatever hv frees
+                h.set_available(level)  # soft, hard, low
+                await sim.tick(d)
+        assert [e["state"] for e in sim.events("state")] == ["soft", "hard", "low"]
+        twin = sim.events("balloon", vm="twin")
+        assert twin and twin[0]["goal_bytes"] < twin[0]["actual_bytes"]
+        assert sim.last_tick("stuck")["resident_bytes"] > sim.last_tick("stuck")["target_bytes"]
+        assert sim.events("pause", vm="stuck") and stuck.run_state == "paused"
+
+    run(sim, scenario)
+    assert sim.events("start")[0]["reclaim"] == reclaim
+    swapped = {e["why"] for e in sim.events("swap", vm="stuck")}
+    if reclaim == "balloon":
+        assert not sim.events("swap") and not h.paged_out
+    else:
+        assert {"balloon cannot reach target", "hard", "low"} <= swapped, swapped
 
 
 # -- 3. max in every state ------------------------------------------------------------------

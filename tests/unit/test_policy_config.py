@@ -73,7 +73,14 @@ def test_empty_file_gives_the_papers_defaults() -> None:
     assert h.thresholds == Thresholds(6, 4, 2, 1)
     assert h.hysteresis_pct == 0.5
     assert h.poll_interval_s == DEFAULT_POLL_INTERVAL_S
+    assert (h.reclaim, h.hypervisor_swap) == ("balloon+swap", True)
     assert parse("").vms == ()
+
+
+def test_reclaim_by_balloon_only_turns_hypervisor_swap_off() -> None:
+    h = parse('[host]\nreclaim = "balloon"\n').host
+    assert (h.reclaim, h.hypervisor_swap) == ("balloon", False)
+    assert parse('[host]\nreclaim = "balloon+swap"\n').host.hypervisor_swap
 
 
 def test_partial_thresholds_keep_the_other_defaults() -> None:
@@ -151,6 +158,8 @@ BAD = [
     ('[host]\nhysteresis_pct = -0.5\n', "host.hysteresis_pct", "at least 0"),
     ('[host]\nhysteresis_pct = 95\n', "host.hysteresis_pct", "below"),
     ('host = 1\n', "host", "table"),
+    ('[host]\nreclaim = "swap"\n', "host.reclaim", "must be 'balloon+swap' or 'balloon'"),
+    ('[host]\nreclaim = false\n', "host.reclaim", "non-empty string"),
 ]
 
 

@@ -142,6 +142,10 @@ def test_actions_ladder() -> None:
     assert actions_for(MemState.SOFT) == Actions(True, False, False)
     assert actions_for(MemState.HARD) == Actions(True, True, False)
     assert actions_for(MemState.LOW) == Actions(True, True, True)
+    # reclaim = "balloon": no state pages out; balloon and pause as before.
+    assert [actions_for(s, hypervisor_swap=False) for s in MemState] == [
+        Actions(False, False, False), Actions(True, False, False),
+        Actions(True, False, False), Actions(True, False, True)]
 
 
 def test_pause_only_in_low_and_only_above_target() -> None:
