@@ -72,7 +72,7 @@ VALID_HOST = {
     "sample_pages": st.integers(1, 10_000), "sample_period_s": st.floats(0.1, 3600.0),
     "hysteresis_pct": st.floats(0.0, 2.0), "poll_interval_s": st.floats(0.05, 60.0) | st.integers(1, 60),
     "share_interval_s": st.floats(0.0, 600.0), "idle_collect_s": st.floats(0.0, MAX_IDLE_COLLECT_S),
-    "thresholds_pct": thresholds(),
+    "thresholds_pct": thresholds(), "reclaim": st.sampled_from(["balloon+swap", "balloon"]),
 }
 VALID_VM = {"socket": st.sampled_from(["/run/x/qmp.sock", "x.sock"]), "min": _size(64, 1024),
             "max": _size(1024, 4096), "shares": st.integers(1, 10**6), "ksm": st.booleans(),
