@@ -19,7 +19,7 @@ import time
 from hv.daemon.managed import Context, ManagedVM, Reading
 from hv.errors import HostError, HvError, VMGone
 from hv.host import proc
-from hv.policy.guest import GuestReport, check_report
+from hv.policy.guest import GuestReport, check_report, report_is_late
 from hv.qemu.vm import STATS_POLL_INTERVAL_S, guest_need_bytes
 
 __all__ = ["COLLECT_TIMEOUT_S", "REPORT_MAX_AGE_S", "collect", "host_available_bytes"]
@@ -85,7 +85,7 @@ def _absorb(ctx: Context, m: ManagedVM, r: Reading) -> None:
     still = m.last_actual == r.balloon_bytes
     m.last_actual = r.balloon_bytes
     if problem is not None or g.total_bytes is None or g.age_s is None:
-        if not (report.age_s is not None and report.age_s > REPORT_MAX_AGE_S):
+        if not report_is_late(report, REPORT_MAX_AGE_S):
             m.need.reset()  # a late report only goes unused; a wrong one restarts the trend
         m.need_bytes = None
         return

@@ -33,6 +33,7 @@ __all__ = [
     "hidden_bound_bytes",
     "GuestReport",
     "check_report",
+    "report_is_late",
     "HiddenEstimate",
     "NEED_RISE_BYTES",
     "NeedTrend",
@@ -77,6 +78,11 @@ class GuestReport:
     age_s: float | None  # seconds since QEMU received it; None: no report
 
 
+def report_is_late(r: GuestReport, max_age_s: float) -> bool:
+    """The report came, but longer ago than ``max_age_s`` (QEMU's stamp, not the guest's)."""
+    return r.age_s is not None and r.age_s > max_age_s
+
+
 def check_report(r: GuestReport, ram_bytes: int, balloon_bytes: int, deflate_on_oom: bool,
                  max_age_s: float) -> str | None:
     """Why the report cannot be used, or None if it is plausible and fresh.
@@ -87,7 +93,7 @@ def check_report(r: GuestReport, ram_bytes: int, balloon_bytes: int, deflate_on_
     """
     if r.age_s is None:
         return "no statistics report"
-    if r.age_s > max_age_s:
+    if report_is_late(r, max_age_s):
         return f"statistics {r.age_s:.0f} s old (more than {max_age_s:.0f} s)"
     if r.total_bytes is None or r.available_bytes is None:
         return "statistics without MemTotal or MemAvailable"
