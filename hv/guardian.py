@@ -3,9 +3,10 @@
 ``hv run`` spawns ``python -m hv.guardian HV_PID GUARD_FILE`` in its own session.
 The guardian waits on a pidfd of hv (no polling, no pid reuse race) and, when hv
 is gone for whatever reason (SIGKILL included), reads the guard file the daemon
-keeps up to date (:class:`GuardFile`: the VMs hv paused, and whether it raised
-KSM's rate) and resumes every such VM and restores KSM's tunables.  A daemon that
-stops cleanly has already done both and removed the file, so the guardian then
+keeps up to date (:class:`GuardFile`: the VMs hv paused, whether it raised KSM's
+rate, and a host tunable it has lowered for a moment: :mod:`hv.host.reclaim`) and
+resumes every such VM and restores KSM's tunables and that one.  A daemon that
+stops cleanly has already done all of it and removed the file, so the guardian then
 has nothing to do.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from hv import paths
 from hv.errors import HostError, HvError
 from hv.host.ksm import Ksm
+from hv.host.reclaim import restore_sysctls
 
 __all__ = ["GuardFile", "undo", "main"]
 
@@ -36,13 +38,16 @@ class GuardFile:
     hv_pid: int = 0
     paused: dict[str, str] = field(default_factory=dict)  # VM name -> QMP socket
     ksm_raised: bool = False
+    sysctls: dict[str, str] = field(default_factory=dict)  # path -> value to put back
 
     @classmethod
     def load(cls, path: Path) -> GuardFile:
         try:
             data = json.loads(path.read_text())
             paused = {str(k): str(v) for k, v in dict(data.get("paused", {})).items()}
-            return cls(path, int(data.get("hv_pid", 0)), paused, bool(data.get("ksm_raised", False)))
+            sysctls = {str(k): str(v) for k, v in dict(data.get("sysctls", {})).items()}
+            return cls(path, int(data.get("hv_pid", 0)), paused,
+                       bool(data.get("ksm_raised", False)), sysctls)
         except (FileNotFoundError, ValueError, TypeError, AttributeError):
             return cls(path)  # none, torn or garbled: nothing known to undo
 
@@ -51,14 +56,20 @@ class GuardFile:
         would record)."""
         try:
             paths.write_json_atomic(self.path, {"hv_pid": self.hv_pid, "paused": self.paused,
-                                                "ksm_raised": self.ksm_raised})
+                                                "ksm_raised": self.ksm_raised,
+                                                "sysctls": self.sysctls})
         except OSError as exc:
             raise HostError(f"cannot write the guard file {self.path}: "
                             f"{exc.strerror or exc}") from exc
 
     @property
     def empty(self) -> bool:
-        return not self.paused and not self.ksm_raised
+        return not self.paused and not self.ksm_raised and not self.sysctls
+
+    def remember_sysctls(self, values: dict[str, str]) -> None:
+        """Record host tunables to put back (``{}``: put back already), and save."""
+        self.sysctls = dict(values)
+        self.save()
 
 
 async def _resume(name: str, sock: str) -> str:
@@ -76,7 +87,7 @@ async def _resume(name: str, sock: str) -> str:
 
 
 def undo(path: Path) -> list[str]:
-    """Resume the VMs and restore KSM as recorded in ``path``; remove it; say what was done."""
+    """Resume, restore KSM and tunables as recorded in ``path``; remove it; say what was done."""
     guard = GuardFile.load(path)
     done: list[str] = []
     for name, sock in list(guard.paused.items()):
@@ -93,6 +104,13 @@ def undo(path: Path) -> list[str]:
             guard.ksm_raised = False
         except (HvError, OSError) as exc:
             done.append(f"ksm: cannot restore: {exc}")
+    if guard.sysctls:
+        try:
+            restore_sysctls(guard.sysctls)
+            done.append("restored " + ", ".join(f"{p}={v}" for p, v in guard.sysctls.items()))
+            guard.sysctls = {}
+        except HvError as exc:
+            done.append(f"cannot restore {', '.join(guard.sysctls)}: {exc}")
     if guard.empty:
         path.unlink(missing_ok=True)
     else:  # what could not be undone stays recorded for the next hv

@@ -12,6 +12,9 @@ By state (:func:`~hv.policy.actions_for`):
   holds swapping back for a while);
 - low: VMs above target are paused until they are at target or the state recovers.
 
+What is paged out is then freed from the swap cache (:mod:`hv.host.reclaim`):
+without that, the host would not get the memory back.
+
 With ``[host] reclaim = "balloon"`` (``hypervisor_swap`` False) nothing is paged out,
 neither in hard and low nor for a stuck balloon; ballooning and pausing are unchanged.
 
@@ -28,7 +31,7 @@ import time
 
 from hv.daemon.managed import Context, ManagedVM
 from hv.errors import HostError, HvError, VMGone
-from hv.host import native, swap
+from hv.host import native, reclaim, swap
 from hv.policy import MemState, actions_for, should_pause
 from hv.policy.reclaim import (
     BALLOON_TOLERANCE_BYTES,
@@ -38,7 +41,7 @@ from hv.policy.reclaim import (
 )
 from hv.qemu.vm import balloon_floor
 from hv.sampler import page_out_random
-from hv.units import format_size
+from hv.units import PAGE_SIZE, format_size
 
 __all__ = ["act", "resume", "forget_pause", "page_out"]
 
@@ -47,6 +50,21 @@ def page_out(m: ManagedVM, n: int) -> tuple[int, int]:
     """Page out ``n`` random sampleable pages of the VM; (asked, invalidated)."""
     info = m.vm.info
     return page_out_random(info.pid, [(r.hva, r.size) for r in info.ram], n, m.rng)
+
+
+def release(ctx: Context, pages: int) -> int:
+    """Free the swap cache ``pages`` just paged out filled; bytes freed.  A problem
+    (no kernel interface, a refused write) is told once, and page-out goes on."""
+    try:
+        r = reclaim.release(pages * PAGE_SIZE, ctx.guard.remember_sysctls)
+        problem, freed = r.problem, r.freed_bytes
+    except HostError as exc:
+        problem, freed = str(exc), 0
+    if problem is not None and problem != ctx.release_problem:
+        ctx.log.write("release_failed", error=problem)
+        ctx.notify(f"paged-out memory is not freed: {problem}")
+    ctx.release_problem = problem
+    return freed
 
 
 def _note_swap_effect(ctx: Context, m: ManagedVM, asked: int, invalidated: int) -> None:
@@ -131,9 +149,10 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool,
         n = swap_pages_for(r.resident_bytes, target)
         if n:
             asked, out = await asyncio.to_thread(page_out, m, n)
+            freed = await asyncio.to_thread(release, ctx, out)
             m.actions["swap"] += 1
             m.paged_out_pages += asked
-            ctx.log.write("swap", vm=m.name, pages=asked, invalidated=out,
+            ctx.log.write("swap", vm=m.name, pages=asked, invalidated=out, freed_bytes=freed,
                           resident_bytes=r.resident_bytes, target_bytes=target,
                           why="balloon cannot reach target" if stuck and not actions.swap
                           else str(state))

@@ -30,6 +30,7 @@ class Context:
     log: EventLog
     guard: GuardFile
     notify: Callable[[str], None]
+    release_problem: str | None = None  # why paged-out pages are not freed (told once)
 
 
 @dataclass

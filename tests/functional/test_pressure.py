@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from hv.host import swap
+from hv.host import reclaim, swap
 from hv.units import MiB, PAGE_SIZE
 from tests.conftest import wait_for
 from tests.functional.hvrun import HvRun, qmp_status, swap_fixture, write_config
@@ -274,6 +274,12 @@ def test_hard_swaps_vm_above_target(guests, pressure_swap, locker, state_dir, tm
         swap_before = [t for t in hv.ticks(n) if t["ts"] <= swapped["ts"]][-1]["swap_bytes"]
         wait_for(lambda: hv.last_tick(n)["swap_bytes"] >= swap_before + 16 * MiB, 60,
                  f"{n}'s host swap to grow by 16 MiB")
+        # What was paged out left host memory: freed from the swap cache, not kept there.
+        if reclaim.nodes():
+            swaps = hv.events("swap")
+            out = sum(e["invalidated"] for e in swaps) * PAGE_SIZE
+            freed = sum(e["freed_bytes"] for e in swaps)
+            assert freed >= 0.5 * out, f"{freed / MiB:.0f} MiB freed of {out / MiB:.0f} MiB paged out"
 
         locker.release()
         # Pressure gone: hv leaves hard.
