@@ -279,6 +279,8 @@ def test_hard_swaps_vm_above_target(guests, pressure_swap, locker, state_dir, tm
             swaps = hv.events("swap")
             out = sum(e["invalidated"] for e in swaps) * PAGE_SIZE
             freed = sum(e["freed_bytes"] for e in swaps)
+            print("swap events (MiB paged out, freed):",
+                  [(e["invalidated"] * PAGE_SIZE // MiB, e["freed_bytes"] // MiB) for e in swaps])
             assert freed >= 0.5 * out, f"{freed / MiB:.0f} MiB freed of {out / MiB:.0f} MiB paged out"
 
         locker.release()
