@@ -2,8 +2,9 @@
 
 Verdicts: ``ok``; ``warn`` (hv works, with less: e.g. TCG instead of KVM, no swap yet);
 ``fail`` (something hv needs is missing).  Checks only read, except the KSM check,
-which writes KSM's current ``run`` value back to prove the file is writable, and the
-process_madvise check, which pages out one page of a child process it starts.
+which writes KSM's current ``run`` value back to prove the file is writable, the
+process_madvise check, which pages out one page of a child process it starts, and the
+node_reclaim check, which asks per-node reclaim for 0 bytes.
 """
 
 from __future__ import annotations
@@ -118,6 +119,26 @@ def _swap() -> Check:
                  f"{format_size(used)} used")
 
 
+def _node_reclaim() -> Check:
+    from hv.host import reclaim
+
+    files = reclaim.nodes()
+    if not files:
+        return Check("node_reclaim", "warn", "no /sys/devices/system/node/node*/reclaim (Linux "
+                     "< 6.17): memory hypervisor swap pages out stays in the swap cache until "
+                     "the kernel reclaims, so free memory rises late")
+    try:  # asking for 0 bytes parses the request and reclaims nothing
+        fd = os.open(files[0], os.O_WRONLY)
+        try:
+            os.write(fd, b"0 swappiness=max")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return Check("node_reclaim", "warn", f"{files[0]} refuses a request: {exc.strerror}")
+    return Check("node_reclaim", "ok", f"per-node proactive reclaim ({len(files)} node(s)) "
+                 "frees what hypervisor swap pages out")
+
+
 def _pagemap() -> Check:
     buf = mmap.mmap(-1, 4096)
     buf[0] = 1
@@ -221,6 +242,7 @@ def _native() -> Check:
 
 
 CHECKS: list[Callable[[], Check]] = [_root, _kernel, _qemu, _accel, _ksm, _ksm_stat, _swap,
+                                      _node_reclaim,
                                       _pagemap, _kpageflags, _process_madvise, _thp,
                                       _guest_image, _native]
 
