@@ -110,8 +110,15 @@ def _write(path: str, nbytes: int) -> str | None:
 
 
 def restore_sysctls(saved: dict[str, str], sysfs: Sysfs | None = None) -> None:
-    """Put back tunables :func:`release` lowered (the guardian calls this too)."""
+    """Put back tunables :func:`release` lowered (the guardian calls this too).
+
+    Only ``vm.min_unmapped_ratio``, and only a percentage: a guard file that names
+    anything else is garbled, and hv writes nothing from it.
+    """
     sysfs = sysfs or Sysfs()
+    for path, value in saved.items():
+        if path != MIN_UNMAPPED_RATIO or not value.isdigit() or int(value) > 100:
+            raise HostError(f"will not write {value!r} to {path}: not a tunable hv lowers")
     for path, value in saved.items():
         sysfs.write(path, value)
 

@@ -10,8 +10,9 @@ from typing import Any
 from hv.daemon import act
 from hv.daemon.managed import Context
 from hv.errors import HostError
-from hv.guardian import GuardFile
-from hv.host.reclaim import Release
+from hv.guardian import GuardFile, undo
+from hv.host.reclaim import Release, restore_sysctls
+from hv.host.sysfs import Sysfs
 from hv.units import PAGE_SIZE
 
 
@@ -69,3 +70,17 @@ def test_a_problem_is_told_once_and_page_out_goes_on(tmp_path: Path, monkeypatch
                     "paged-out memory is not freed: cannot write 0"]
     assert c.release_problem is None
     assert [e for e, _ in c.log.events] == ["release_failed", "release_failed"]  # type: ignore[attr-defined]
+
+
+def test_a_garbled_guard_file_writes_nothing_to_the_host(tmp_path: Path) -> None:
+    path = tmp_path / "guard.json"
+    for sysctls in ({"/proc/sys/kernel/panic": "1"},
+                    {"/proc/sys/vm/min_unmapped_ratio": "1; reboot"},
+                    {"/proc/sys/vm/min_unmapped_ratio": "1000"}):
+        GuardFile(path, sysctls=sysctls).save()
+        done = undo(path)
+        assert len(done) == 1 and done[0].startswith("cannot restore"), done
+        assert GuardFile.load(path).sysctls == sysctls  # kept for a look, not acted on
+    recorder = Sysfs(record_only=True)
+    restore_sysctls({"/proc/sys/vm/min_unmapped_ratio": "1"}, recorder)
+    assert recorder.writes == [("/proc/sys/vm/min_unmapped_ratio", "1")]
