@@ -57,6 +57,7 @@ from hv.bench.args import int_list
 from hv.bench.fleet import Fleet, GuestPlan, Progress, console_events, refuse_if_daemon, wait_event
 from hv.bench.hostswap import host_swap
 from hv.errors import HvError, UsageError
+from hv.host import reclaim
 from hv.qemu.launch import console_log
 from hv.qemu.vm import VM, balloon_floor
 from hv.sampler import check_can_sample, page_out_random
@@ -252,13 +253,19 @@ async def _window(vm: VM, cfg: BalloonConfig) -> dict[str, Any]:
 
 
 class Squeeze:
-    """Hypervisor swap: page the excess over ``target_bytes`` out, random pages, each tick."""
+    """Hypervisor swap: page the excess over ``target_bytes`` out, random pages, each tick,
+    and free what that left in the swap cache, as ``hv run`` does (:mod:`hv.host.reclaim`).
+
+    No guard file records the reclaim tunable while it is lowered (milliseconds per
+    tick): a bench killed in that moment leaves ``vm.min_unmapped_ratio`` at 0, which
+    matters only with zone reclaim on, where it is not touched."""
 
     def __init__(self, vm: VM, target_bytes: int, seed: int = 0) -> None:
         self.vm = vm
         self.target_bytes = target_bytes
         self.rng = np.random.default_rng(seed)
         self.invalidated = 0
+        self.freed_bytes = 0  # left the swap cache after the page-outs
         self.rss_seen: list[int] = []  # resident bytes of guest RAM found at each tick
 
     def tick(self) -> int:
@@ -272,6 +279,7 @@ class Squeeze:
         _, out = page_out_random(info.pid, [(r.hva, r.size) for r in info.ram], int(excess),
                                  self.rng)
         self.invalidated += out
+        self.freed_bytes += reclaim.release(out * PAGE_SIZE, lambda _: None).freed_bytes
         return rss - out * PAGE_SIZE
 
     async def down(self, timeout_s: float) -> bool:
@@ -344,7 +352,7 @@ async def _measure_swapped(vm: VM, cfg: BalloonConfig, x: int) -> dict[str, Any]
     holding = asyncio.create_task(squeeze.hold())
     try:
         await asyncio.sleep(cfg.settle_s)
-        squeeze.invalidated, squeeze.rss_seen = 0, []
+        squeeze.invalidated, squeeze.freed_bytes, squeeze.rss_seen = 0, 0, []
         got = await _window(vm, cfg)
     finally:
         holding.cancel()
@@ -354,6 +362,7 @@ async def _measure_swapped(vm: VM, cfg: BalloonConfig, x: int) -> dict[str, Any]
     return {"reached": reached, "reduce_s": round(reduce_s, 2),
             "rss_before_mib": round(rss0 / MiB, 1),
             "window_paged_out_mib": round(squeeze.invalidated * PAGE_SIZE / MiB, 1),
+            "window_freed_mib": round(squeeze.freed_bytes / MiB, 1),
             "window_rss_mean_mib": round(sum(seen) / len(seen) / MiB, 1), **got}
 
 
