@@ -108,6 +108,30 @@ def mergeable(pid: int, addr: int, vm_name: str = "") -> bool:
     raise HostError(f"{vm_name or pid}: no mapping at {addr:#x} in /proc/{pid}/smaps")
 
 
+def mergeable_ranges(pid: int, vm_name: str = "") -> list[tuple[int, int]]:
+    """Every mapping of ``pid`` open to KSM (``mg`` in its smaps VmFlags), as (start, length).
+
+    For QEMU: guest RAM and its other RAM blocks (firmware and option ROMs, video
+    memory), all of which it marks MADV_MERGEABLE.
+    """
+    out: list[tuple[int, int]] = []
+    span: tuple[int, int] | None = None
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            for line in f:
+                head = _SMAPS_HEADER_RE.match(line)
+                if head is not None:
+                    start = int(head.group(1), 16)
+                    span = (start, int(head.group(2), 16) - start)
+                elif span is not None and line.startswith(b"VmFlags:"):
+                    if b"mg" in line.split()[1:]:
+                        out.append(span)
+                    span = None
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise VMGone(vm_name or str(pid), f"process {pid} has exited") from exc
+    return out
+
+
 def range_usage(pid: int, start: int, length: int, vm_name: str = "") -> RangeUsage:
     """Sum ``Rss``, ``Swap`` and ``AnonHugePages`` of the VMAs overlapping [start, start+length).
 

@@ -39,7 +39,15 @@ which is how the kernel counts its profit: the index's realized total is KSM's
 that maps a KSM frame, plus its KSM zero pages, less its rmap items) is that VM's
 ``ksm_process_profit``.  The merged part is hv's own count from ``kpageflags``; KSM's
 zero pages and rmap items are the kernel's counts, which no page flag shows.  The
-backlog compares like with like: potential less merged.
+backlog compares like with like: potential less merged, both over guest RAM.
+
+QEMU opens its other RAM blocks to KSM too (firmware and option ROMs, video memory),
+and KSM merges them across VMs; the kernel counts those merges in both profits.  So
+a VM's input may carry the frames of the KSM pages of its QEMU *outside* guest RAM
+(``outside_ksm_pfns``, frames only: nothing there is hashed).  They join the KSM frame
+groups, so a frame's ``k`` counts every mapping, and their fair part is the VM's
+``outside_savings_pages``: in realized savings and ``ksm_profit_pages``, not in merged
+savings, the backlog or any page count of guest RAM.
 """
 
 from __future__ import annotations
@@ -78,6 +86,7 @@ class VmPages:
     name: str
     snapshot: Snapshot
     ksm_stat: Mapping[str, int] = field(default_factory=dict)
+    outside_ksm_pfns: U64Array = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
 
 
 @dataclass(frozen=True)
@@ -100,8 +109,10 @@ class VmSharing:
     ksm_rmap_items: int | None
     potential_savings_pages: float  # fair part of what full sharing would save
     merged_savings_pages: float     # fair part of what KSM's merges save now
-    realized_savings_pages: float   # merged, less KSM's bookkeeping for this VM
+    realized_savings_pages: float   # merged + outside, less KSM's bookkeeping for this VM
     ksm_profit_pages: float | None  # the kernel's ksm_process_profit, from hv's count
+    ksm_outside_pages: int = 0      # flagged KSM in its QEMU outside guest RAM (ROMs, video)
+    outside_savings_pages: float = 0.0  # fair part of what those merges save
 
     @property
     def ksm_metadata_pages(self) -> float:
@@ -121,7 +132,7 @@ class SharingIndex:
     inter_vm_groups: int
     potential_savings_pages: int
     merged_savings_pages: int
-    realized_savings_pages: int  # merged less KSM's bookkeeping: general_profit in pages
+    realized_savings_pages: int  # merged + outside, less KSM's bookkeeping: general_profit
 
     @property
     def backlog_pages(self) -> int:
@@ -189,14 +200,26 @@ def build_index(vms: Sequence[VmPages]) -> SharingIndex:
     nvms = len(vms)
     if nvms == 0:
         return SharingIndex((), 0, 0, 0, 0, 0)
-    hashes = np.concatenate([v.snapshot.hashes for v in vms])
-    pfns = np.concatenate([v.snapshot.pfns for v in vms])
-    flags = np.concatenate([v.snapshot.flags for v in vms])
-    stable = np.concatenate([v.snapshot.stable for v in vms])
-    vm = np.repeat(np.arange(nvms, dtype=np.int64), [v.snapshot.hashes.size for v in vms])
+    # Guest RAM pages, then every VM's KSM pages outside it (present, KSM, no hash).
+    outside_kinds = int(PageFlags.PRESENT) | int(PageFlags.KSM)
+    hashes = np.concatenate([v.snapshot.hashes for v in vms]
+                            + [np.zeros(v.outside_ksm_pfns.size, np.uint64) for v in vms])
+    pfns = np.concatenate([v.snapshot.pfns for v in vms]
+                          + [v.outside_ksm_pfns.astype(np.uint64) for v in vms])
+    flags = np.concatenate([v.snapshot.flags for v in vms]
+                           + [np.full(v.outside_ksm_pfns.size, outside_kinds, np.uint16)
+                              for v in vms])
+    stable = np.concatenate([v.snapshot.stable for v in vms]
+                            + [np.zeros(v.outside_ksm_pfns.size, v.snapshot.stable.dtype)
+                               for v in vms])
+    vm = np.concatenate([np.repeat(np.arange(nvms, dtype=np.int64),
+                                   [v.snapshot.hashes.size for v in vms]),
+                         np.repeat(np.arange(nvms, dtype=np.int64),
+                                   [v.outside_ksm_pfns.size for v in vms])])
+    ram = np.arange(hashes.size) < sum(v.snapshot.hashes.size for v in vms)
 
-    present = _has(flags, PageFlags.PRESENT)
-    ksm = _has(flags, PageFlags.KSM) & present
+    present = _has(flags, PageFlags.PRESENT) & ram
+    ksm = _has(flags, PageFlags.KSM) & _has(flags, PageFlags.PRESENT)  # outside RAM too
     zero_page = _has(flags, PageFlags.ZERO_PAGE) & present
     zero = present & (_has(flags, PageFlags.ZERO) | (hashes == np.uint64(ZERO_HASH)))
 
@@ -218,8 +241,10 @@ def build_index(vms: Sequence[VmPages]) -> SharingIndex:
         ksm_share[sorted_idx] = np.repeat((sizes - 1) / sizes, sizes)
         # KSM-merged zero content counts as zero (its carried hash is ZERO_HASH).
         zero[sorted_idx] |= np.repeat(rep == np.uint64(ZERO_HASH), sizes)
-    realized_frames = int(round(ksm_share[~zero].sum()))
+        zero &= ram
+    realized_frames = int(round(ksm_share[~zero & ram].sum()))
     realized_zero_ksm = ksm_share[zero]
+    outside_share = ksm_share * ~ram
 
     cand = present & ~zero & (keys != 0) & ((stable >= 1) | ksm)
     cidx = np.flatnonzero(cand)
@@ -239,14 +264,16 @@ def build_index(vms: Sequence[VmPages]) -> SharingIndex:
                                               for v in vms])
     per_zero_mapped = per_zero_page - per_ksm_zero
     per_zero = _per_vm_sum(vm[zero], None, nvms) - per_zero_mapped
-    per_ksm = _per_vm_sum(vm[ksm], None, nvms)
+    per_ksm = _per_vm_sum(vm[ksm & ram], None, nvms)
+    per_ksm_outside = _per_vm_sum(vm[ksm & ~ram], None, nvms)
+    per_outside = _per_vm_sum(vm, outside_share, nvms)
     per_dup = _per_vm_sum(cvm[dup], None, nvms)
     per_inter = _per_vm_sum(cvm[inter], None, nvms)
     per_hint = _per_vm_sum(cvm[~dup], None, nvms)
     per_volatile = _per_vm_sum(vm[present & ~zero & ~cand], None, nvms)
     per_potential = per_zero + _per_vm_sum(cvm, share, nvms)
     per_merged = (per_ksm_zero + _per_vm_sum(vm[zero], realized_zero_ksm, nvms)
-                  + _per_vm_sum(vm[~zero], ksm_share[~zero], nvms))
+                  + _per_vm_sum(vm[~zero & ram], ksm_share[~zero & ram], nvms))
 
     rows = []
     for i, v in enumerate(vms):
@@ -259,13 +286,15 @@ def build_index(vms: Sequence[VmPages]) -> SharingIndex:
             zero_mapped=int(per_zero_mapped[i]), stable_dups=int(per_dup[i]),
             inter_vm_dups=int(per_inter[i]), hints=int(per_hint[i]),
             volatile=int(per_volatile[i]), ksm_pages=int(per_ksm[i]),
+            ksm_outside_pages=int(per_ksm_outside[i]),
             ksm_merging_pages=stat.get("ksm_merging_pages"),
             ksm_zero_pages=stat.get("ksm_zero_pages"), ksm_rmap_items=rmap,
             potential_savings_pages=round(float(per_potential[i]), 1),
             merged_savings_pages=round(float(per_merged[i]), 1),
-            realized_savings_pages=round(float(per_merged[i]) - meta, 1),
-            ksm_profit_pages=(round(float(per_ksm[i] + per_ksm_zero[i]) - meta, 1)
-                              if rmap is not None else None)))
+            outside_savings_pages=round(float(per_outside[i]), 1),
+            realized_savings_pages=round(float(per_merged[i] + per_outside[i]) - meta, 1),
+            ksm_profit_pages=(round(float(per_ksm[i] + per_ksm_outside[i] + per_ksm_zero[i])
+                                    - meta, 1) if rmap is not None else None)))
     ksm_zero_total = int(per_ksm_zero.sum())
     potential = (int(zero.sum()) - int(per_zero_mapped.sum())
                  + int(size_of[dup].size - dup_groups.size))
@@ -275,4 +304,5 @@ def build_index(vms: Sequence[VmPages]) -> SharingIndex:
         vms=tuple(rows), groups=int(dup_groups.size),
         inter_vm_groups=int(np.count_nonzero(vms_in_group[dup_groups] >= 2)),
         potential_savings_pages=potential, merged_savings_pages=merged,
-        realized_savings_pages=merged - int(round(meta_total / PAGE_SIZE)))
+        realized_savings_pages=ksm_zero_total + int(round(ksm_share.sum()))
+        - int(round(meta_total / PAGE_SIZE)))

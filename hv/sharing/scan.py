@@ -14,15 +14,17 @@ fills scratch arrays; the file is only updated from a complete scan).
 from __future__ import annotations
 
 import contextlib
-
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from hv import backends
 from hv.errors import HvError, NativeError, StateFileError, VMError, VMGone
 from hv.host import native, proc
+from hv.host.native import PageFlags, U64Array
 from hv.qemu import launch as launcher
 from hv.qemu.vm import VM, RamRange, VMInfo
 from hv.sharing import state as st
@@ -63,6 +65,14 @@ class Target:
                            sum(r.size for r in self.ram), self.pages)
 
 
+def _minus(start: int, end: int, holes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) less the [a, b) holes, as (start, length) pieces."""
+    pieces = [(start, end)]
+    for a, b in holes:
+        pieces = [p for s, e in pieces for p in ((s, min(e, a)), (max(s, b), e)) if p[0] < p[1]]
+    return [(s, e - s) for s, e in pieces]
+
+
 def check_qemu(name: str, pid: int) -> None:
     """Refuse a pid that is not a running QEMU process."""
     if proc.gone_or_exiting(pid):
@@ -98,6 +108,8 @@ class Scanner:
     scan_cpu_s: float = 0.0  # CPU hv spent scanning (this process), summed over scans
     scan_wall_s: float = 0.0
     _states: dict[str, st.PageState] = field(default_factory=dict)
+    # Per VM, from its last scan: frames of the KSM pages of its QEMU outside guest RAM.
+    _outside: dict[str, U64Array] = field(default_factory=dict)
 
     def state(self, t: Target) -> st.PageState:
         s = self._states.get(t.name)
@@ -128,11 +140,31 @@ class Scanner:
             self.scan_cpu_s += time.process_time() - c0
             self.scan_wall_s += time.monotonic() - w0
         st.update(s, res, t.pid)
+        self._outside[t.name] = self._outside_ksm(t)
         return res
+
+    def _outside_ksm(self, t: Target) -> U64Array:
+        """Frames of the KSM pages in the VM's QEMU outside guest RAM: its other
+        mergeable RAM blocks (ROMs, video memory), read from pagemap and kpageflags only.
+        KSM merges them across VMs and the kernel counts them in its profits
+        (:mod:`hv.sharing.index`).  A QEMU that exits meanwhile has none."""
+        ram = [(r.hva, r.hva + r.size) for r in t.ram]
+        outside = []
+        try:
+            for start, length in proc.mergeable_ranges(t.pid, t.name):
+                outside += _minus(start, start + length, ram)
+            if not outside:
+                return np.zeros(0, dtype=np.uint64)
+            res = native.scan(t.pid, outside, read_content=False)
+        except (VMGone, NativeError):
+            return np.zeros(0, dtype=np.uint64)
+        pfns: U64Array = res.pfns[res.has(PageFlags.KSM) & res.has(PageFlags.PRESENT)]
+        return pfns
 
     def index(self) -> SharingIndex:
         """The table from the current state files (no scan)."""
-        return build_index([VmPages(t.name, self.state(t).snapshot(), read_ksm_stat(t.pid))
+        return build_index([VmPages(t.name, self.state(t).snapshot(), read_ksm_stat(t.pid),
+                                    self._outside.get(t.name, np.zeros(0, dtype=np.uint64)))
                             for t in self.targets])
 
     def scan_stable(self, interval_s: float) -> SharingIndex:
@@ -149,6 +181,7 @@ class Scanner:
         names = {t.name for t in self.targets}
         for name in [n for n in self._states if n not in names]:  # VMs no longer scanned
             self._states.pop(name).close()
+            self._outside.pop(name, None)
         for t in self.targets:
             self.scan_one(t)
         return self.index()

@@ -103,6 +103,33 @@ def test_ksm_pages_group_by_frame_without_their_hash() -> None:
     assert va.realized_savings_pages + vb.realized_savings_pages == pytest.approx(3, abs=0.11)
 
 
+def test_ksm_pages_outside_guest_ram_count_in_the_profits_not_in_guest_ram() -> None:
+    # KSM frame 500 (a ROM page) mapped outside guest RAM by a and b, and frame 100
+    # mapped by a:0 in guest RAM and by b's video memory outside it.
+    a = VmPages("a", snap("a", [0, 11], [K, R], [0, 1], [100, 0]).snapshot,
+                {"ksm_zero_pages": 0, "ksm_rmap_items": 0, "ksm_merging_pages": 2},
+                np.array([500], dtype=np.uint64))
+    b = VmPages("b", snap("b", [11], [R], [1], [0]).snapshot,
+                {"ksm_zero_pages": 0, "ksm_rmap_items": 0, "ksm_merging_pages": 2},
+                np.array([500, 100], dtype=np.uint64))
+    idx = build_index([a, b])
+    va, vb = idx.vms
+    # Guest RAM is counted as before: a's one KSM page, one stable duplicate (11).
+    assert (va.present, va.ksm_pages, vb.present, vb.ksm_pages) == (2, 1, 1, 0)
+    assert (va.ksm_outside_pages, vb.ksm_outside_pages) == (1, 2)
+    assert idx.groups == 1 and idx.potential_savings_pages == 1
+    # Frame 100 has two mappings (a's RAM, b's video memory), frame 500 two: 2 saved.
+    # Merged savings (guest RAM only): a's half of frame 100; the rest is outside.
+    assert va.merged_savings_pages == pytest.approx(0.5) and vb.merged_savings_pages == 0
+    assert va.outside_savings_pages == pytest.approx(0.5)
+    assert vb.outside_savings_pages == pytest.approx(1.0)
+    assert idx.merged_savings_pages == 0  # a's half page, rounded (half to even)
+    assert idx.realized_savings_pages == 2  # pages_sharing: what general_profit counts
+    assert idx.backlog_pages == 1
+    # Per VM, as ksm_process_profit: every page mapping a KSM frame, in RAM or not.
+    assert (va.ksm_profit_pages, vb.ksm_profit_pages) == (2, 2)
+
+
 def test_empty_and_large_inputs() -> None:
     assert build_index([]).vms == ()
     rng = np.random.default_rng(1)
