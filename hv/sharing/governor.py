@@ -85,6 +85,7 @@ class Decision:
     mode: Mode
     setting: Setting
     reason: str
+    sweep: bool = False  # the one pass after a VM left sharing
 
 
 def decide(obs: Observation, p: Params = Params()) -> Decision:
@@ -98,7 +99,7 @@ def decide(obs: Observation, p: Params = Params()) -> Decision:
                     p.max_pages_to_scan)
         return Decision(Mode.CONVERGE, Setting(batch, p.sleep_millisecs),
                         f"a VM left sharing: one pass in {p.sweep_pass_s:.0f} s clears KSM's "
-                        "records of its pages")
+                        "records of its pages", sweep=True)
     if obs.backlog_pages <= threshold:
         return Decision(Mode.IDLE, Setting(p.idle_pages_to_scan, p.idle_sleep_millisecs),
                         f"backlog {obs.backlog_pages} pages <= {threshold:.0f}: idle")
@@ -150,6 +151,7 @@ class Governor:
     _last: KsmStats | None = None
     _cost_s_per_page: float | None = None
     overridden: int = 0  # times another writer had changed KSM and the governor re-applied
+    sweep_pending: bool = False  # a VM left sharing; its pass has not started yet
     sweep_until: int | None = None  # ksmd's full_scans count that ends a sweep
 
     def _drifted(self) -> bool:
@@ -174,9 +176,11 @@ class Governor:
     def sweep(self) -> None:
         """A VM left sharing: have ksmd walk everything once soon (see Params.sweep_pass_s).
 
-        Two more full scans: the pass under way when the VM left, then a whole one.
+        The pass starts at the first step whose backlog allows it (before that, ksmd
+        converges at least as fast), and lasts two more full scans: the one under way
+        then, and a whole one.
         """
-        self.sweep_until = int(self.ksm.stats()["full_scans"]) + 2
+        self.sweep_pending, self.sweep_until = True, None
 
     def _measure_cost(self, now: KsmStats) -> None:
         last, self._last = self._last, now
@@ -198,8 +202,11 @@ class Governor:
         if self.sweep_until is not None and stats["full_scans"] >= self.sweep_until:
             self.sweep_until = None
         d = decide(Observation(index.present, index.backlog_pages, self.mode,
-                               self._cost_s_per_page, pressure, self.sweep_until is not None),
+                               self._cost_s_per_page, pressure,
+                               self.sweep_pending or self.sweep_until is not None),
                    self.params)
+        if self.sweep_pending and d.sweep:
+            self.sweep_pending, self.sweep_until = False, int(stats["full_scans"]) + 2
         drifted = self._drifted()
         if d.setting != self.applied or drifted:
             self.overridden += drifted

@@ -113,3 +113,22 @@ def test_a_vm_leaving_sharing_gets_one_pass_then_idle(tmp_path: Path) -> None:
     (Path(ksm.root) / "full_scans").write_text("9\n")
     assert gov.step(merged).mode is Mode.IDLE and gov.sweep_until is None
     gov.stop()
+
+
+def test_the_sweep_waits_for_the_backlog_of_the_round_under_way(tmp_path: Path) -> None:
+    """A scan round under way when the VM left still counts its unmerged pages as
+    backlog: ksmd converges first, however many full scans that takes, and the sweep's
+    one pass comes once the backlog is gone (it was lost when counted from the request)."""
+    ksm = _fake_ksm(tmp_path)
+    (Path(ksm.root) / "full_scans").write_text("7\n")
+    gov = Governor(ksm)
+    gov.start()
+    gov.sweep()
+    d = gov.step(_index(600_000, 300_000, 200_000))  # the left VM's pages, unmerged
+    assert d.mode is Mode.CONVERGE and not d.sweep and "backlog" in d.reason
+    (Path(ksm.root) / "full_scans").write_text("12\n")
+    d = gov.step(_index(400_000, 200_000, 199_900))
+    assert d.sweep and "left sharing" in d.reason and gov.sweep_until == 14
+    (Path(ksm.root) / "full_scans").write_text("14\n")
+    assert gov.step(_index(400_000, 200_000, 199_900)).mode is Mode.IDLE
+    gov.stop()
