@@ -40,8 +40,9 @@ def format_index(index: SharingIndex) -> str:
 
     ZERO counts zero pages that hold (or, before KSM, held) a frame; ZERO-MAPPED the
     zero-page mappings KSM did not make (free before and after merging, in neither
-    POTENTIAL nor REALIZED).  REALIZED is what KSM's merges save less its bookkeeping:
-    the kernel's ``general_profit`` (per VM: the VM's fair part of it).
+    POTENTIAL nor REALIZED).  REALIZED is what KSM's merges save, in guest RAM and in the
+    rest of QEMU's mergeable memory, less its bookkeeping: the kernel's
+    ``general_profit`` (per VM: the VM's fair part of it).
     """
 
     header = ["VM", "SCANNED", "PRESENT", "ZERO", "ZERO-MAPPED", "STABLE-DUPS", "INTER-VM",
@@ -61,11 +62,13 @@ def format_index(index: SharingIndex) -> str:
         rows.append(["TOTAL", *tot, merged_total, sum(v.ksm_zero_pages or 0 for v in index.vms),
                      _pages(index.potential_savings_pages), _pages(index.realized_savings_pages)])
     text = table(rows, header)
-    meta = index.merged_savings_pages - index.realized_savings_pages
+    meta = round(sum(v.ksm_metadata_pages for v in index.vms))
+    outside = round(sum(v.outside_savings_pages for v in index.vms))
     text += (f"\n{index.groups} duplicate groups ({index.inter_vm_groups} across VMs); "
              f"unmerged stable duplicates: {index.backlog_pages} pages "
              f"({_pages(index.backlog_pages)}); KSM's merges save "
-             f"{_pages(index.merged_savings_pages)}, less {_pages(meta)} of its bookkeeping")
+             f"{_pages(index.merged_savings_pages)} in guest RAM and {_pages(outside)} in "
+             f"the rest of QEMU's memory (ROMs, video), less {_pages(meta)} of its bookkeeping")
     return text
 
 
