@@ -52,6 +52,7 @@ from hv.bench.fleet import Fleet, GuestPlan, Progress, refuse_if_daemon, wait_ev
 from hv.bench.hostswap import host_swap
 from hv.errors import HostError, UsageError
 from hv.host.pressure import MemoryLocker, meminfo
+from hv.host.sysfs import Sysfs
 from hv.policy.states import DEFAULT_THRESHOLDS, MemState, StateTracker
 from hv.qemu import launch as launcher
 from hv.units import MiB, format_size, parse_size, table
@@ -74,6 +75,7 @@ PROGRESS_EVERY_S = 15.0
 POOL_TOLERANCE_BYTES = 32 * MiB
 RELEVEL_EVERY_S = 5.0
 RATE_WINDOW_S = 10.0  # throughput: passes over this many seconds of the guest's clock
+DROP_CACHES = "/proc/sys/vm/drop_caches"  # 1: the clean page cache (refilled as needed)
 
 _TOUCHER_RE = re.compile(r"event=toucher t_s=(\S+) ws_mib=\d+ alloc_mib=\d+ passes=(\d+)")
 
@@ -276,6 +278,12 @@ async def _measure(cfg: TaxConfig, fleet: Fleet, hv: Daemon, locker: MemoryLocke
                         f"change --pool, --ws or --idle-mib")
     progress(f"locking host memory until MemAvailable is {level // MiB} MiB ({level_pct:.2f} %): "
              f"the guests hold {held // MiB} MiB, hv's goal is {goal / MiB:.0f} MiB free")
+    # MemAvailable counts part of the page cache: with a large one (a CI machine that
+    # just built its images), locking down to the level takes MemFree to the kernel's
+    # watermarks, and the kernel's own reclaim then swaps the idle guest's cold pages
+    # before hv acts (seen once in CI: 940 MiB of it swapped by the kernel, hv never in
+    # soft).  Dropped first, the level is free memory the kernel leaves alone.
+    Sysfs().write(DROP_CACHES, 1)
     got = locker.set_level(level_pct)
     t0 = [time.time()]
     lock: dict[str, Any] = {"held_bytes": held, "goal_bytes": int(goal), "level_bytes": level,

@@ -226,8 +226,19 @@ def test_the_run_waits_for_every_service_then_loads_and_puts_ksm_back(
                         "use_zero_pages": "0", "pages_sharing": "0", "pages_scanned": "0",
                         "full_scans": "0", "general_profit": str(1_000_000)}.items():
         (root / name).write_text(value + "\n")
-    monkeypatch.setattr(workloads, "Ksm", lambda: Ksm(Sysfs(), root=str(root),
-                                                      saved_file=tmp_path / "saved.json"))
+    sysfs = Sysfs()
+
+    class WalkingKsm(Ksm):
+        """ksmd's stand-in: a full scan goes by at each look while KSM runs."""
+
+        def stats(self):  # type: ignore[no-untyped-def]
+            if (root / "run").read_text().strip() == "1":
+                done = int((root / "full_scans").read_text()) + 1
+                (root / "full_scans").write_text(f"{done}\n")
+            return super().stats()
+
+    monkeypatch.setattr(workloads, "Ksm", lambda: WalkingKsm(sysfs, root=str(root),
+                                                             saved_file=tmp_path / "saved.json"))
     monkeypatch.setattr(workloads, "Fleet", FakeFleet)
     monkeypatch.setattr(workloads, "Scanner", FakeScanner)
     monkeypatch.setattr(FakeScanner, "profit_file", root / "general_profit", raising=False)
@@ -253,6 +264,10 @@ def test_the_run_waits_for_every_service_then_loads_and_puts_ksm_back(
     for name in ("wl-nginx", "wl-postgresql"):
         assert [c for n, c in FakeVM.calls if n == name] == ["attach", "pause", "resume", "detach"]
     assert (root / "run").read_text().strip() == "0" and not (tmp_path / "saved.json").exists()
+    # Before the frozen reading ksmd made a full pass at the freeze rate, then stopped.
+    writes = [(Path(path).name, value) for path, value in sysfs.writes]
+    fast = writes.index(("pages_to_scan", str(workloads.FREEZE_PASS_PAGES_TO_SCAN)))
+    assert ("run", "0") in writes[fast:]
     assert [r.workload for r in res.rows] == ["nginx", "postgresql"]
     nginx, pg = res.rows
     # The load window is the guest's last load_s: from the report before t=29.95 (t=20).
