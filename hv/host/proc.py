@@ -88,23 +88,33 @@ _SMAPS_FIELD_RE = re.compile(rb"^(Rss|Swap|AnonHugePages):\s+(\d+) kB", re.MULTI
 SMAPS_READ_BYTES = 64 * KiB
 
 
+def _vma_flags(pid: int, vm_name: str = "") -> list[tuple[int, int, list[bytes]]]:
+    """Every mapping of ``pid`` with its smaps VmFlags: (start, end, flags)."""
+    out: list[tuple[int, int, list[bytes]]] = []
+    span: tuple[int, int] | None = None
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            for line in f:
+                head = _SMAPS_HEADER_RE.match(line)
+                if head is not None:
+                    span = (int(head.group(1), 16), int(head.group(2), 16))
+                elif span is not None and line.startswith(b"VmFlags:"):
+                    out.append((*span, line.split()[1:]))
+                    span = None
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise VMGone(vm_name or str(pid), f"process {pid} has exited") from exc
+    return out
+
+
 def mergeable(pid: int, addr: int, vm_name: str = "") -> bool:
     """Whether the VMA holding ``addr`` is open to KSM (``mg`` in its smaps VmFlags).
 
     QEMU marks guest RAM MADV_MERGEABLE unless told not to (``mem-merge=off``, or
     libvirt's ``<nosharepages/>``): an unmarked VM has opted out of page sharing.
     """
-    inside = False
-    try:
-        with open(f"/proc/{pid}/smaps", "rb") as f:
-            for line in f:
-                head = _SMAPS_HEADER_RE.match(line)
-                if head is not None:
-                    inside = int(head.group(1), 16) <= addr < int(head.group(2), 16)
-                elif inside and line.startswith(b"VmFlags:"):
-                    return b"mg" in line.split()[1:]
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        raise VMGone(vm_name or str(pid), f"process {pid} has exited") from exc
+    for start, end, flags in _vma_flags(pid, vm_name):
+        if start <= addr < end:
+            return b"mg" in flags
     raise HostError(f"{vm_name or pid}: no mapping at {addr:#x} in /proc/{pid}/smaps")
 
 
@@ -114,22 +124,8 @@ def mergeable_ranges(pid: int, vm_name: str = "") -> list[tuple[int, int]]:
     For QEMU: guest RAM and its other RAM blocks (firmware and option ROMs, video
     memory), all of which it marks MADV_MERGEABLE.
     """
-    out: list[tuple[int, int]] = []
-    span: tuple[int, int] | None = None
-    try:
-        with open(f"/proc/{pid}/smaps", "rb") as f:
-            for line in f:
-                head = _SMAPS_HEADER_RE.match(line)
-                if head is not None:
-                    start = int(head.group(1), 16)
-                    span = (start, int(head.group(2), 16) - start)
-                elif span is not None and line.startswith(b"VmFlags:"):
-                    if b"mg" in line.split()[1:]:
-                        out.append(span)
-                    span = None
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        raise VMGone(vm_name or str(pid), f"process {pid} has exited") from exc
-    return out
+    return [(start, end - start) for start, end, flags in _vma_flags(pid, vm_name)
+            if b"mg" in flags]
 
 
 def range_usage(pid: int, start: int, length: int, vm_name: str = "") -> RangeUsage:
