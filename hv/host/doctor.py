@@ -127,14 +127,9 @@ def _node_reclaim() -> Check:
         return Check("node_reclaim", "warn", "no /sys/devices/system/node/node*/reclaim (Linux "
                      "< 6.17): memory hypervisor swap pages out stays in the swap cache until "
                      "the kernel reclaims, so free memory rises late")
-    try:  # asking for 0 bytes parses the request and reclaims nothing
-        fd = os.open(files[0], os.O_WRONLY)
-        try:
-            os.write(fd, b"0 swappiness=max")
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        return Check("node_reclaim", "warn", f"{files[0]} refuses a request: {exc.strerror}")
+    problem = reclaim.request(files[0], 0)  # parses the request, reclaims nothing
+    if problem is not None:
+        return Check("node_reclaim", "warn", f"{files[0]} refuses a request: {problem}")
     return Check("node_reclaim", "ok", f"per-node proactive reclaim ({len(files)} node(s)) "
                  "frees what hypervisor swap pages out")
 

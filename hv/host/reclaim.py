@@ -41,7 +41,7 @@ from hv.errors import HostError
 from hv.host.sysfs import Sysfs
 from hv.units import MiB, PAGE_SIZE
 
-__all__ = ["Release", "nodes", "release", "restore_sysctls"]
+__all__ = ["Release", "nodes", "release", "request", "restore_sysctls"]
 
 NODE_RECLAIM_GLOB = "/sys/devices/system/node/node*/reclaim"
 MIN_UNMAPPED_RATIO = "/proc/sys/vm/min_unmapped_ratio"
@@ -92,10 +92,14 @@ def _wait_writeback() -> None:
         time.sleep(WRITEBACK_POLL_S)
 
 
-def _write(path: str, nbytes: int) -> str | None:
-    """One proactive reclaim request; None once asked (EAGAIN: asked, freed less)."""
+def request(path: str, nbytes: int) -> str | None:
+    """One proactive reclaim request to a node's file; None once asked (EAGAIN: asked,
+    freed less), else why not.  ``nbytes`` 0 parses the request and reclaims nothing."""
     for option in ("swappiness=max", "swappiness=200"):  # max: Linux 6.15+
-        fd = os.open(path, os.O_WRONLY)
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError as exc:
+            return f"cannot open {path}: {exc.strerror}"
         try:
             os.write(fd, f"{nbytes} {option}".encode())
             return None
@@ -162,7 +166,7 @@ def release(nbytes: int, remember: Callable[[dict[str, str]], None],
                 share = min(nbytes * pages // total, pages * PAGE_SIZE)
                 if share < PAGE_SIZE:
                     continue
-                problem = _write(f, share) or problem
+                problem = request(f, share) or problem
                 asked += share
         finally:
             if saved:
