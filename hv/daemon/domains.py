@@ -19,13 +19,15 @@ import asyncio
 import dataclasses
 from collections.abc import Collection
 
+from hv.errors import ConfigError, HvError
 from hv.libvirt import Domain, DomainRef, XmlPolicy, list_active, merge_policy, uri_of
+from hv.libvirt.domxml import DomainXml
 from hv.libvirt.naming import PREFIX
 from hv.policy.config import DEFAULT_SHARES, Config, VMConfig
 from hv.qemu.vm import VM, balloon_floor
 
 __all__ = ["domain_handle", "effective", "config_key", "config_uri", "discovered_config",
-           "Discovery"]
+           "metadata_now", "Discovery"]
 
 CONFIG_SOURCE = {"min": "config", "max": "config", "shares": "config"}
 
@@ -45,20 +47,36 @@ def config_key(config: Config, cfg: VMConfig) -> str:
     return f"{PREFIX}{cfg.libvirt}#{config_uri(config, cfg)}"
 
 
-def effective(cfg: VMConfig, vm: VM) -> tuple[VMConfig, dict[str, str]]:
-    """The VM's config with min, max and shares merged from its domain's metadata (a
-    QMP VM's is the file's own); and where each value came from."""
-    if not isinstance(vm, Domain) or vm.xml is None:
+def effective(cfg: VMConfig, vm: VM, xml: DomainXml | None = None
+              ) -> tuple[VMConfig, dict[str, str]]:
+    """The VM's config with min, max and shares merged from its domain's metadata
+    (``xml``, else the one read at attach; a QMP VM's is the file's own); and where each
+    value came from."""
+    xml = xml or (vm.xml if isinstance(vm, Domain) else None)
+    if xml is None:
         return cfg, dict(CONFIG_SOURCE)
     given = XmlPolicy(cfg.min_bytes if "min" in cfg.given else None,
                       cfg.max_bytes if "max" in cfg.given else None,
                       cfg.shares if "shares" in cfg.given else None)
     ram = vm.info.ram_bytes
-    policy = merge_policy(f"vm.{cfg.name}", given, vm.xml.policy, balloon_floor(ram), ram,
+    policy = merge_policy(f"vm.{cfg.name}", given, xml.policy, balloon_floor(ram), ram,
                           DEFAULT_SHARES)
     merged = dataclasses.replace(cfg, min_bytes=policy.min_bytes, max_bytes=policy.max_bytes,
                                  shares=policy.shares)
     return merged, policy.source
+
+
+async def metadata_now(vm: VM) -> DomainXml | None:
+    """A domain's XML read again (for a reload: its policy metadata may have changed);
+    the one read at attach if libvirt cannot answer now.  Bad metadata raises."""
+    if not isinstance(vm, Domain):
+        return None
+    try:
+        return await vm.read_xml()
+    except ConfigError:
+        raise
+    except HvError:
+        return vm.xml
 
 
 def discovered_config(domain: str) -> VMConfig:

@@ -50,7 +50,13 @@ from hv.daemon import status
 from hv.daemon.act import act, forget_pause, resume
 from hv.daemon.attach import STOP_TIMEOUT_S, admit, attach, detach, entries, max_of
 from hv.daemon.collect import host_available_bytes, collect
-from hv.daemon.domains import Discovery, config_key, discovered_config, effective
+from hv.daemon.domains import (
+    Discovery,
+    config_key,
+    discovered_config,
+    effective,
+    metadata_now,
+)
 from hv.daemon.managed import Context, ManagedVM
 from hv.daemon.merge import set_merge
 from hv.daemon.sampling import sample_loop, save_estimator
@@ -642,7 +648,9 @@ class Daemon:
                 self.log.write("discovery_failed", error=str(exc))
                 self.notify(f"libvirt: cannot list domains ({exc}); trying again each tick")
             return
-        self.discovery.failing = None
+        if self.discovery.failing is not None:
+            self.log.write("discovery_recovered", error=self.discovery.failing)
+            self.discovery.failing = None
         taken = {c.libvirt for c in config.vms if c.libvirt is not None}
         taken |= {m.vm.ref.domain for m in self.vms if isinstance(m.vm, Domain)}
         names = {c.name for c in config.vms} | {m.name for m in self.vms}
@@ -698,7 +706,8 @@ class Daemon:
                         added.append(await attach(new, cfg, keep + added, self.ctx, self.notify))
                     except (VMGone, VMNotFound) as exc:
                         absent.append((cfg, exc))
-            merged = {m.name: effective(wanted[m.name], m.vm) for m in keep}
+            xmls = {m.name: await metadata_now(m.vm) for m in keep}
+            merged = {m.name: effective(wanted[m.name], m.vm, xmls[m.name]) for m in keep}
             limits = {m.name: max_of(new, merged[m.name][0], m.vm) for m in keep}
             admit(new, [(merged[m.name][0], m.vm, limits[m.name]) for m in keep]
                         + entries(added))
@@ -718,6 +727,8 @@ class Daemon:
         for m in keep:
             m.cfg, m.max_bytes = merged[m.name][0], limits[m.name]
             m.policy_source = merged[m.name][1]
+            if isinstance(m.vm, Domain) and xmls[m.name] is not None:
+                m.vm.xml = xmls[m.name]
         self.waiting = {n: c for n, c in self.waiting.items() if n in wanted and n not in replaced}
         for m in added:
             self.vms.append(m)

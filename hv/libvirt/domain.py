@@ -109,6 +109,20 @@ def list_active(uri: str) -> list[str]:
         conn.close()
 
 
+def _method(name: str) -> Callable[..., Any]:
+    """``f(obj, *args)`` calling ``obj.name(*args)``: a domain method for
+    :meth:`Domain._on_dom`, looked up on whichever handle is live then."""
+    return lambda obj, *args: getattr(obj, name)(*args)
+
+
+def _close_quietly(conn: Any) -> None:
+    """Close a connection; teardown must not raise (libvirtd may be gone)."""
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def _start_time(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -126,6 +140,7 @@ class Domain(VM):
         self.xml: DomainXml | None = None
         self._conn: Any = None
         self._dom: Any = None
+        self._uuid: str | None = None  # to find the domain again on a new connection
 
     # -- libvirt calls -------------------------------------------------------------
     async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
@@ -143,6 +158,39 @@ class Domain(VM):
             if isinstance(err, VMGone):
                 self.state = VMState.GONE
             raise err from exc
+
+    async def _on_dom(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(domain, *args)`` on the live domain; if libvirtd restarted since the
+        connection was opened, once more on a new connection."""
+        try:
+            return await self._call(what, fn, self._live(), *args)
+        except LibvirtError:
+            if not await self._reconnect():
+                raise
+        return await self._call(what, fn, self._live(), *args)
+
+    async def _reconnect(self) -> bool:
+        """A new connection and domain handle if the old connection died (libvirtd
+        stopped or restarted; QEMU keeps running).  False if it is alive: the error was
+        the call's own.  Raises if libvirtd does not answer, or the domain is gone."""
+        conn = self._conn
+        try:
+            alive = conn is not None and bool(await asyncio.to_thread(conn.isAlive))
+        except Exception:  # noqa: BLE001 - a dead connection may fail even this
+            alive = False
+        if alive or self._uuid is None:
+            return False
+        fresh = await asyncio.to_thread(open_connection, self.name, self.ref.uri)
+        try:
+            dom = await self._call("look the domain up again", fresh.lookupByUUIDString,
+                                   self._uuid)
+        except BaseException:
+            await asyncio.to_thread(fresh.close)
+            raise
+        self._conn, self._dom = fresh, dom
+        if conn is not None:
+            await asyncio.to_thread(_close_quietly, conn)
+        return True
 
     async def _cmd(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """libvirtd holds the domain's QMP monitor: any QMP-only path of VM is a bug here."""
@@ -162,6 +210,7 @@ class Domain(VM):
                                          self.ref.domain)
             if not await self._call("read its state", self._dom.isActive):
                 raise VMGone(self.name, "the domain is not running (shut off)")
+            self._uuid = await self._call("read its UUID", self._dom.UUIDString)
         except BaseException:
             await self.detach()
             raise
@@ -170,22 +219,23 @@ class Domain(VM):
         """Close the libvirt connection; the domain keeps running."""
         conn, self._conn, self._dom = self._conn, None, None
         if conn is not None:
-            try:
-                await asyncio.to_thread(conn.close)
-            except Exception:  # noqa: BLE001 - teardown must not raise (libvirtd may be gone)
-                pass
+            await asyncio.to_thread(_close_quietly, conn)
         if self.state is VMState.ATTACHED:
             self.state = VMState.DETACHED
 
     async def _discover(self) -> VMInfo:
-        dom = self._live()
-        self.xml = parse_domain_xml(await self._call("read its XML", dom.XMLDesc, 0), self.name)
-        uuid = await self._call("read its UUID", dom.UUIDString)
+        self.xml = await self.read_xml()
+        uuid = await self._on_dom("read its UUID", _method("UUIDString"))
         pid = self._pid(uuid)
         ram = await self._ram_ranges_of(pid)
         model = self.xml.balloon_model
         return VMInfo(self.name, self.ref.address, pid, self.xml.accel, self.xml.memory_bytes,
                       ram, f"memballoon[{model}]" if model else None, self.xml.deflate_on_oom)
+
+    async def read_xml(self) -> DomainXml:
+        """The live domain XML as it is now (hv's policy metadata included)."""
+        return parse_domain_xml(await self._on_dom("read its XML", _method("XMLDesc"), 0),
+                                self.name)
 
     def _pid(self, uuid: str) -> int:
         """QEMU's pid from libvirt's pid file, refused unless that process is this domain."""
@@ -221,15 +271,15 @@ class Domain(VM):
         except ImportError as exc:
             raise HostError("the libvirt_qemu Python module is missing "
                             "(bash scripts/setup.sh --with-libvirt)") from exc
-        out = await self._call(f"HMP {command!r}", libvirt_qemu.qemuMonitorCommand, self._live(),
-                               command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        out = await self._on_dom(f"HMP {command!r}", libvirt_qemu.qemuMonitorCommand,
+                                 command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
         return str(out)
 
     # -- balloon -------------------------------------------------------------------
     async def _memory_stats(self) -> dict[str, int]:
         self._require_balloon()
-        stats: dict[str, int] = await self._call("read memory statistics",
-                                                 self._live().memoryStats)
+        stats: dict[str, int] = await self._on_dom("read memory statistics",
+                                                   _method("memoryStats"))
         return stats
 
     async def balloon_actual(self) -> int:
@@ -244,7 +294,7 @@ class Domain(VM):
         self._require_balloon()
         await self.check_balloon_target(target_bytes, force=force)
         lv = binding()
-        await self._call("set the balloon target", self._live().setMemoryFlags,
+        await self._on_dom("set the balloon target", _method("setMemoryFlags"),
                          int(target_bytes) // 1024, lv.VIR_DOMAIN_AFFECT_LIVE)
 
     async def enable_stats(self, interval_s: int = STATS_POLL_INTERVAL_S) -> None:
@@ -254,13 +304,12 @@ class Domain(VM):
         known = self._stats_interval_s
         if known is not None and 0 < known <= interval_s:
             return
-        xml = parse_domain_xml(await self._call("read its XML", self._live().XMLDesc, 0), self.name)
-        current = xml.stats_period_s
+        current = (await self.read_xml()).stats_period_s
         if current == 0 or current > interval_s:
             lv = binding()
             try:
-                await self._call("set the balloon statistics period",
-                                 self._live().setMemoryStatsPeriod, interval_s,
+                await self._on_dom("set the balloon statistics period",
+                                   _method("setMemoryStatsPeriod"), interval_s,
                                  lv.VIR_DOMAIN_AFFECT_LIVE)
             except LibvirtError as exc:
                 raise LibvirtError(self.name, f"cannot set the balloon statistics period to "
@@ -293,7 +342,7 @@ class Domain(VM):
     async def status(self) -> str:
         """``running``, ``paused``, ``shutoff``, ... from libvirt's domain state."""
         lv = binding()
-        state, _reason = await self._call("read its state", self._live().state)
+        state, _reason = await self._on_dom("read its state", _method("state"))
         names = {lv.VIR_DOMAIN_RUNNING: "running", lv.VIR_DOMAIN_PAUSED: "paused",
                  lv.VIR_DOMAIN_BLOCKED: "running", lv.VIR_DOMAIN_SHUTDOWN: "shutdown",
                  lv.VIR_DOMAIN_SHUTOFF: "shutoff", lv.VIR_DOMAIN_CRASHED: "crashed",
@@ -301,13 +350,13 @@ class Domain(VM):
         return names.get(state, "unknown")
 
     async def pause(self) -> None:
-        await self._call("suspend", self._live().suspend)
+        await self._on_dom("suspend", _method("suspend"))
 
     async def resume(self) -> None:
-        await self._call("resume", self._live().resume)
+        await self._on_dom("resume", _method("resume"))
 
     async def quit(self) -> None:
         """Destroy the domain (QMP's ``quit``: QEMU exits now)."""
-        await self._call("destroy", self._live().destroy)
+        await self._on_dom("destroy", _method("destroy"))
         self.state = VMState.GONE
         await self.detach()

@@ -33,12 +33,20 @@ def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def libvirtd_fixture() -> Iterator[None]:
-    done = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"cannot start libvirtd: {done.stderr.strip()}"
-    started = done.stdout.startswith("libvirtd.sh: started")
+def libvirtd_script(action: str) -> str:
+    """``scripts/libvirtd.sh ACTION``'s output (asserting it succeeded)."""
+    done = subprocess.run(["bash", str(SCRIPT), action], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, f"libvirtd.sh {action}: {done.stderr.strip()}"
+    return done.stdout
+
+
+def libvirtd_fixture() -> Iterator[bool]:
+    """A libvirtd for the module; yields whether it is ours (started here, so a test
+    may restart it)."""
+    started = libvirtd_script("start").startswith("libvirtd.sh: started")
     try:
-        yield
+        yield started
     finally:
         leftovers = [n for n in virsh("list", "--name", "--all", check=False).stdout.split()
                      if n.startswith(PREFIX)]
@@ -46,9 +54,7 @@ def libvirtd_fixture() -> Iterator[None]:
             virsh("destroy", name, check=False)
             virsh("undefine", name, check=False)
         if started:
-            stop = subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, text=True,
-                                  timeout=60)
-            assert stop.returncode == 0, stop.stderr
+            libvirtd_script("stop")
 
 
 def domain_xml(name: str, console: Path, mem_mib: int = 256, balloon: bool = True,

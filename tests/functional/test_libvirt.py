@@ -7,6 +7,7 @@ is started by ``scripts/libvirtd.sh`` and stopped again if this module started i
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from hv.host import swap
+from hv.libvirt.domxml import POLICY_NS
 from hv.units import MiB, PAGE_SIZE
 from tests.conftest import hv_cli, wait_for
 from tests.functional.hvrun import HvRun, swap_fixture
@@ -21,6 +23,7 @@ from tests.functional.libvirt_env import (
     Domains,
     domains_fixture,
     libvirtd_fixture,
+    libvirtd_script,
     virsh,
 )
 from tests.functional.pressure import MemoryLocker, meminfo
@@ -29,12 +32,12 @@ pytestmark = pytest.mark.guest
 
 
 @pytest.fixture(scope="module")
-def libvirtd() -> Iterator[None]:
+def libvirtd() -> Iterator[bool]:
     yield from libvirtd_fixture()
 
 
 @pytest.fixture
-def domains(libvirtd: None, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Domains]:
+def domains(libvirtd: bool, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Domains]:
     yield from domains_fixture(tmp_path, request)
 
 
@@ -207,9 +210,52 @@ def test_run_manage_all_picks_up_and_drops(domains: Domains, state_dir: Path, tm
         hv.wait_event("tick", 10, vm=first)
         hv.check_alive()
         assert late not in json.loads((state_dir / "daemon" / "status.json").read_text())["vms"]
+        # The domain's metadata changed, then a reload (SIGHUP): hv takes the new value.
+        virsh("metadata", first, POLICY_NS, "--key", "hv", "--live",
+              "--set", '<policy min="160M"/>')
+        hv.proc.send_signal(signal.SIGHUP)
+        hv.wait_event("reload", 30)
+
+        def policy() -> dict[str, Any]:
+            st = json.loads((state_dir / "daemon" / "status.json").read_text())
+            return st["vms"][first]["policy"]  # type: ignore[no-any-return]
+        wait_for(lambda: policy()["min_bytes"] == 160 * MiB, 30, "min 160M after the reload")
+        assert policy()["source"]["min"] == "domain"
         assert hv.stop() == 0, hv.stderr()
     finally:
         hv.close()
+
+
+def test_run_survives_a_libvirtd_restart(libvirtd: bool, domains: Domains, state_dir: Path,
+                                         tmp_path: Path, run_swap: None) -> None:
+    """libvirtd stopped and started again under a running hv: the domain (whose QEMU
+    keeps running) is still managed, on a new connection, and nothing exits."""
+    if not libvirtd:
+        pytest.skip("libvirtd was running before these tests: not theirs to restart")
+    name = domains.create("restart")
+    config = tmp_path / "hv.toml"
+    config.write_text(toml(MANAGE_HOST, {}, {"manage": "all"}))
+    hv = HvRun(config, tmp_path / "events.jsonl", "--no-guardian")
+    try:
+        hv.wait_event("tick", 30, vm=name)
+        libvirtd_script("stop")
+        failed = hv.wait_event("collect_failed", 30, vm=name)
+        assert "libvirtd" in failed["error"], failed
+        hv.wait_event("discovery_failed", 30)
+        hv.check_alive()
+        assert not hv.events("vm_gone", vm=name)  # libvirtd away is not the domain gone
+        libvirtd_script("start")
+        hv.wait_event("collect_recovered", 60, vm=name)
+        hv.wait_event("discovery_recovered", 30)
+        recovered = hv.events("collect_recovered", vm=name)[-1]["ts"]
+        wait_for(lambda: [t for t in hv.ticks(name) if t["ts"] > recovered], 30,
+                 "a tick of the domain after it recovered")
+        assert not hv.events("vm_gone", vm=name) and not hv.events("vm_added", vm=name)[1:]
+        assert virsh("domstate", name).stdout.strip() == "running"
+        assert hv.stop() == 0, hv.stderr()
+    finally:
+        hv.close()
+        libvirtd_script("start")  # a failed test leaves the module its libvirtd
 
 
 # -- hv run under real host pressure: two libvirt domains and one QMP guest ----------------
