@@ -79,6 +79,7 @@ class GuestPlan:
     params: tuple[tuple[str, str], ...] = ()
     initrd: Path | None = None
     disk: Path | None = None
+    thp: bool = True  # transparent huge pages for guest RAM, as QEMU asks by default
 
 
 class Fleet:
@@ -111,7 +112,7 @@ class Fleet:
                 name=plan.name, mem_bytes=plan.mem_bytes, workload=plan.workload,
                 params=dict(plan.params), accel=verdict.accel,
                 initrd=str(plan.initrd) if plan.initrd else None,
-                disk=str(plan.disk) if plan.disk else None)
+                disk=str(plan.disk) if plan.disk else None, thp=plan.thp)
             self._started.append(plan.name)
             vm = await launcher.launch(spec)
             self.vms.append(vm.info)

@@ -5,7 +5,9 @@ For each N, the policies run in random order (``--order``, seeded by ``--seed``)
 from a cold start (``--cold``): by default on N guests booted fresh for that policy
 from the guest image, so none inherits another's merges or the transparent huge pages
 KSM split; or (``--cold unmerge``) on one boot per N, with KSM unmerging everything
-(``run=2``, zero-page mappings included on Linux 6.5+) before each policy.  Every
+(``run=2``, zero-page mappings included on Linux 6.5+) before each policy, and the
+guests run without transparent huge pages so that no policy finds them split by
+another (each run records the guests' huge pages at its start).  Every
 policy runs with ``use_zero_pages=1``, as ``hv run`` sets it:
 
 * ``hv``       — hv's governor (:mod:`hv.sharing.governor`), stepped every
@@ -48,6 +50,7 @@ from hv.bench import report
 from hv.bench.args import int_list
 from hv.bench.fleet import Fleet, GuestPlan, Progress, refuse_if_daemon
 from hv.errors import HvError, UsageError
+from hv.host import proc
 from hv.host.ksm import Ksm
 from hv.policy.config import DEFAULT_SHARE_INTERVAL_S
 from hv.qemu import launch as launcher
@@ -184,6 +187,7 @@ class RunResult:
     samples: list[dict[str, float]] = field(default_factory=list)
     note: str = ""
     disturbed: bool = False  # another process changed KSM's tunables during the run
+    thp_bytes_at_start: int = 0  # guest RAM in transparent huge pages when the run began
 
 
 @dataclass
@@ -338,6 +342,9 @@ def _shared(index: SharingIndex) -> int:
 def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
                progress: Progress) -> RunResult:
     unmerge(ksm)
+    thp_at_start = sum(proc.anon_huge_bytes(t.pid) for t in scanner.targets)
+    progress(f"  {name} N={n}: KSM unmerged; {format_size(thp_at_start)} of guest RAM "
+             "in huge pages")
     policy = make_policy(name, ksm, cfg)
     cpu0 = ksm.stats().ksmd_cpu_s
     scan_cpu0, scans = scanner.scan_cpu_s, 0
@@ -409,7 +416,7 @@ def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
                  "zero_mapped": v.zero_mapped, "ksm_merging_pages": v.ksm_merging_pages,
                  "ksm_profit_pages": v.ksm_profit_pages}
                 for v in index.vms],
-        samples=samples, disturbed=bool(disturbed),
+        samples=samples, disturbed=bool(disturbed), thp_bytes_at_start=thp_at_start,
         note="; ".join(([] if t_conv is not None else [f"did not converge in {cfg.timeout_s:.0f} s"])
                        + ([f"DISTURBED: KSM changed by another process ({', '.join(disturbed[:3])})"]
                           if disturbed else [])))
@@ -418,11 +425,15 @@ def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
 # -- guests --------------------------------------------------------------------------
 def plans(names: list[str], cfg: BenchConfig) -> list[GuestPlan]:
     """The guests of one N.  A Debian disk is attached with snapshot=on (writes go to a
-    temporary file), so every guest boots the same image."""
+    temporary file), so every guest boots the same image.  With ``--cold unmerge`` the
+    guests run without transparent huge pages: KSM splits the huge pages it merges and
+    unmerging does not join them again, so only without them does every policy after
+    the first start from the same state."""
     debian = cfg.image == "debian"
     return [GuestPlan(name, cfg.mem_bytes, cfg.workload, cfg.params,
                       initrd=cfg.debian_dir / "debian-initrd.cpio.gz" if debian else None,
-                      disk=cfg.debian_dir / "debian.ext4" if debian else None)
+                      disk=cfg.debian_dir / "debian.ext4" if debian else None,
+                      thp=cfg.cold == "boot")
             for name in names]
 
 
@@ -461,7 +472,7 @@ async def run(cfg: BenchConfig, progress: Progress = lambda s: None) -> BenchRes
     runs: list[RunResult] = []
     orders = policy_orders(cfg, policies)
     progress(f"policy order ({cfg.order}, seed {cfg.seed}), each from a cold start by "
-             f"{'fresh boots' if cfg.cold == 'boot' else 'unmerging KSM'}: "
+             f"{'fresh boots' if cfg.cold == 'boot' else 'unmerging KSM (guests without THP)'}: "
              + "; ".join(f"N={n}: {', '.join(o)}" for n, o in orders.items()))
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -273,3 +273,29 @@ def limit_malloc(arenas: int, mmap_threshold_bytes: int) -> bool:
             libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold_bytes))
     except (OSError, AttributeError):
         return False
+
+
+PR_SET_THP_DISABLE = 41
+
+
+def disable_thp() -> None:
+    """No transparent huge pages for this process and what it starts
+    (``prctl(PR_SET_THP_DISABLE)``: inherited across fork and kept across exec; it
+    overrides the ``MADV_HUGEPAGE`` QEMU gives guest RAM).  Raises OSError if refused."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def anon_huge_bytes(pid: int) -> int:
+    """The process's anonymous memory in transparent huge pages (``AnonHugePages`` of
+    ``/proc/PID/smaps_rollup``), 0 if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

@@ -50,6 +50,7 @@ class GuestSpec:
     initrd: str | None = None  # default: the hv guest image (paths.guest_initrd)
     disk: str | None = None  # a root file system image, attached read-only (snapshot=on)
     extra_args: list[str] = field(default_factory=list)
+    thp: bool = True  # False: no transparent huge pages for guest RAM (PR_SET_THP_DISABLE)
 
 
 def check_name(name: str) -> str:
@@ -150,11 +151,18 @@ async def launch(spec: GuestSpec) -> VM:
         raise
 
 
+def _child_setup(thp: bool) -> None:
+    """In the forked child, before QEMU runs: a private umask; THP off if asked."""
+    os.umask(0o077)
+    if not thp:
+        proc.disable_thp()
+
+
 async def _start(spec: GuestSpec, where: Path, initrd: Path) -> VM:
     cmd = command_line(spec, where, paths.guest_kernel(), initrd)
     (where / "meta.json").write_text(json.dumps({"spec": asdict(spec), "command": cmd}, indent=1))
     done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          preexec_fn=lambda: os.umask(0o077))
+                          preexec_fn=lambda: _child_setup(spec.thp))
     if done.returncode != 0:
         output = (done.stderr or done.stdout).strip()
         first = output.splitlines()[-1] if output else f"exit status {done.returncode}"

@@ -20,7 +20,7 @@ from hv.qemu.vm import VM, RamRange
 from hv.sharing import optout
 from hv.sharing import state as st
 from hv.sharing.index import SharingIndex, VmPages, build_index, read_ksm_stat
-from hv.sharing.scan import Scanner, Target, open_targets
+from hv.sharing.scan import Scanner, Target, open_targets, outside_ksm_pfns
 from hv.units import PAGE_SIZE, format_size, table
 
 __all__ = ["register", "cmd_share", "format_index"]
@@ -81,10 +81,12 @@ def _share_scan(targets: list[Target], interval_s: float, replace_bad: bool) -> 
 
 
 def _share_cached(targets: list[Target]) -> SharingIndex:
+    """The table from the page-state files, with the KSM pages of QEMU's other RAM
+    blocks read now (their frames only, as after a scan) so the kernel's profit is met."""
     vms = []
     for t in targets:
         with st.open_state(st.state_path(t.name), t.identity(), writable=False) as s:
-            vms.append(VmPages(t.name, s.snapshot(), read_ksm_stat(t.pid)))
+            vms.append(VmPages(t.name, s.snapshot(), read_ksm_stat(t.pid), outside_ksm_pfns(t)))
     return build_index(vms)
 
 
@@ -197,7 +199,7 @@ def register(subparsers: Any) -> None:
                    help="pause between the two scans a VM needs when it has no page state yet "
                    "(stability is judged across scans; default 2)")
     s.add_argument("--cached", action="store_true",
-                   help="report from the page-state files only; do not scan")
+                   help="report from the page-state files; hash nothing")
     s.add_argument("--opt-out", metavar="VM", help="take VM's RAM out of page sharing, live "
                    "(QOM merge=off on its memory backend: KSM unmerges its pages); remembered")
     s.add_argument("--opt-in", metavar="VM", help="put an opted-out VM back in page sharing")

@@ -31,7 +31,7 @@ from hv.sharing import state as st
 from hv.sharing.index import SharingIndex, VmPages, build_index, read_ksm_stat
 from hv.units import PAGE_SIZE
 
-__all__ = ["Target", "check_qemu", "open_targets", "Scanner"]
+__all__ = ["Target", "check_qemu", "open_targets", "outside_ksm_pfns", "Scanner"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,25 @@ async def open_targets(names: Sequence[str], connect: str | None = None
     yield out
 
 
+def outside_ksm_pfns(t: Target) -> U64Array:
+    """Frames of the KSM pages in the VM's QEMU outside guest RAM: its other
+    mergeable RAM blocks (ROMs, video memory), read from pagemap and kpageflags only.
+    KSM merges them across VMs and the kernel counts them in its profits
+    (:mod:`hv.sharing.index`).  A QEMU that exits meanwhile has none."""
+    ram = [(r.hva, r.hva + r.size) for r in t.ram]
+    outside = []
+    try:
+        for start, length in proc.mergeable_ranges(t.pid, t.name):
+            outside += _minus(start, start + length, ram)
+        if not outside:
+            return np.zeros(0, dtype=np.uint64)
+        res = native.scan(t.pid, outside, read_content=False)
+    except (VMGone, NativeError):
+        return np.zeros(0, dtype=np.uint64)
+    pfns: U64Array = res.pfns[res.has(PageFlags.KSM) & res.has(PageFlags.PRESENT)]
+    return pfns
+
+
 @dataclass
 class Scanner:
     """Owns the open state files of a set of targets; scans them and builds the index."""
@@ -140,26 +159,8 @@ class Scanner:
             self.scan_cpu_s += time.process_time() - c0
             self.scan_wall_s += time.monotonic() - w0
         st.update(s, res, t.pid)
-        self._outside[t.name] = self._outside_ksm(t)
+        self._outside[t.name] = outside_ksm_pfns(t)
         return res
-
-    def _outside_ksm(self, t: Target) -> U64Array:
-        """Frames of the KSM pages in the VM's QEMU outside guest RAM: its other
-        mergeable RAM blocks (ROMs, video memory), read from pagemap and kpageflags only.
-        KSM merges them across VMs and the kernel counts them in its profits
-        (:mod:`hv.sharing.index`).  A QEMU that exits meanwhile has none."""
-        ram = [(r.hva, r.hva + r.size) for r in t.ram]
-        outside = []
-        try:
-            for start, length in proc.mergeable_ranges(t.pid, t.name):
-                outside += _minus(start, start + length, ram)
-            if not outside:
-                return np.zeros(0, dtype=np.uint64)
-            res = native.scan(t.pid, outside, read_content=False)
-        except (VMGone, NativeError):
-            return np.zeros(0, dtype=np.uint64)
-        pfns: U64Array = res.pfns[res.has(PageFlags.KSM) & res.has(PageFlags.PRESENT)]
-        return pfns
 
     def index(self) -> SharingIndex:
         """The table from the current state files (no scan)."""
