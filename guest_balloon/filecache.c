@@ -12,15 +12,20 @@
  *
  * With file_loop=1 (file_dev only) it then reads the same MiB again and again
  * instead of sleeping, a page-cache workload: its throughput is what of it the
- * cache holds.
+ * cache holds.  With file_loop=2 it reads them as 1 MiB blocks at random (uniform,
+ * from seed): what of the device the cache holds then sets the hit rate whatever
+ * the cache's history, where a cyclic read of more than the cache holds misses on
+ * every block under plain LRU but hits on what an older, larger cache left active.
  *
  * Parameters (key=value): file_mib (default 64), file_dev (default none),
- * file_loop (0 or 1, default 0), fill, seed as in common.h (tmpfs case only).
+ * file_loop (0, 1 or 2, default 0), fill, seed as in common.h (seed: also
+ * file_loop=2's block order).
  *
  * Lines:
  *   event=filecache_start mib=M path=PATH reclaimable=0|1
  *   event=filecache_done mib=M path=PATH reclaimable=0|1 io_s=T
- *   event=filecache t_s=T read_mib=N passes=P     (file_loop=1: every second)
+ *   event=filecache t_s=T read_mib=N passes=P     (file_loop=1 or 2: every second;
+ *                                                  file_loop=2: passes = read_mib / MiB)
  *   event=error workload=filecache what=... errno=N
  */
 #include "common.h"
@@ -76,6 +81,36 @@ static long read_dev(int fd, long mib, struct loop_report *report)
 	return (long)(done / MIB);
 }
 
+static uint64_t mix(uint64_t x) /* splitmix64 */
+{
+	x += 0x9e3779b97f4a7c15ULL;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+	return x ^ (x >> 31);
+}
+
+/* file_loop=2: 1 MiB blocks of the first `mib` MiB at random, forever; -1 on error. */
+static int read_random(int fd, long mib, uint64_t seed, struct loop_report *report)
+{
+	static char buf[1 << 20];
+
+	for (uint64_t i = 0;; i++) {
+		if (now_s() >= report->next) {
+			double now = now_s();
+
+			say("event=filecache t_s=%.2f read_mib=%ld passes=%ld", now - report->start,
+			    report->read_mib, report->read_mib / mib);
+			report->next = report->next + 1 > now ? report->next + 1 : now + 1;
+		}
+		off_t off = (off_t)(mix(seed + i) % (uint64_t)mib) * MIB;
+		ssize_t n = pread(fd, buf, MIB, off);
+
+		if (n < 0)
+			return -1;
+		report->read_mib += n / MIB;
+	}
+}
+
 static long write_tmpfs(long mib, enum fill fill, uint64_t seed)
 {
 	int fd = open(TMPFS_PATH, O_WRONLY | O_CREAT | O_TRUNC, 0600);
@@ -114,7 +149,7 @@ int main(int argc, char **argv)
 		say("event=error workload=filecache what=bad_param key=file_mib value=%ld", mib);
 		return 2;
 	}
-	if (loop < 0 || loop > 1 || (loop && dev == NULL)) {
+	if (loop < 0 || loop > 2 || (loop && dev == NULL)) {
 		say("event=error workload=filecache what=bad_param key=file_loop value=%ld", loop);
 		return 2;
 	}
@@ -136,6 +171,14 @@ int main(int argc, char **argv)
 	}
 	say("event=filecache_done mib=%ld path=%s reclaimable=%d io_s=%.2f",
 	    done, path, reclaimable, now_s() - t0);
+	if (loop == 2 && done > 0) {
+		struct loop_report report = { .start = now_s(), .next = now_s() + 1 };
+
+		if (read_random(fd, done, param_seed(argc, argv), &report) < 0) {
+			say_errno("read", errno);
+			return 1;
+		}
+	}
 	if (loop) {
 		struct loop_report report = { .start = now_s(), .next = now_s() + 1 };
 

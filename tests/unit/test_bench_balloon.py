@@ -23,7 +23,8 @@ def test_defaults_give_five_sizes_largest_first() -> None:
     cfg = balloon.config_from_args(args())
     assert cfg.sizes_mib == (448, 384, 320, 256, 192)
     assert (cfg.mem_bytes, cfg.workload, cfg.disk_mib) == (512 * MiB, "pagecache", 200)
-    assert dict(cfg.params())["file_loop"] == "1"
+    assert dict(cfg.params())["file_loop"] == "2"  # blocks at random
+    assert dict(balloon.config_from_args(args("--access", "cyclic")).params())["file_loop"] == "1"
     toucher = balloon.config_from_args(args("--workload", "toucher", "--ws", "32"))
     assert toucher.disk_mib == 512  # the toucher's guests read a disk their size once
     assert dict(toucher.params())["alloc_mib"] == "32" and "file_loop" not in dict(toucher.params())
