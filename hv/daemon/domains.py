@@ -7,7 +7,8 @@ defaults (min: the balloon floor, max: the domain's memory, shares: 1000); where
 came from is published with the status.
 
 With ``[libvirt] manage = "all"``, :class:`Discovery` lists the running domains once a
-tick (one libvirt call); one not managed yet is attached under its own name and joins
+tick (one libvirt call, on a connection kept open and opened again after libvirtd
+restarts); one not managed yet is attached under its own name and joins
 at the next tick; one that stops is dropped like any VM whose QEMU exits (and found
 again if it starts).  A domain hv cannot manage (no balloon, a name clash) is said
 once, and tried again only after it has stopped and started again.
@@ -20,7 +21,7 @@ import dataclasses
 from collections.abc import Collection
 
 from hv.errors import ConfigError, HvError
-from hv.libvirt import Domain, DomainRef, XmlPolicy, list_active, merge_policy, uri_of
+from hv.libvirt import Domain, DomainRef, Lister, XmlPolicy, merge_policy, uri_of
 from hv.libvirt.domxml import DomainXml
 from hv.libvirt.naming import PREFIX
 from hv.policy.config import DEFAULT_SHARES, Config, VMConfig
@@ -91,11 +92,19 @@ class Discovery:
     def __init__(self) -> None:
         self.refused: dict[str, str] = {}  # domain -> why it is not managed (said once)
         self.failing: str | None = None  # why listing fails (said once)
+        self._lister: Lister | None = None  # one connection, kept (a reload may move it)
 
-    @staticmethod
-    async def active(uri: str) -> list[str]:
+    async def active(self, uri: str) -> list[str]:
         """The running domains (one libvirt call, in a thread)."""
-        return await asyncio.to_thread(list_active, uri)
+        if self._lister is None or self._lister.uri != uri:
+            self.close()
+            self._lister = Lister(uri)
+        return await asyncio.to_thread(self._lister.active)
+
+    def close(self) -> None:
+        if self._lister is not None:
+            self._lister.close()
+            self._lister = None
 
     def new(self, active: list[str], taken: Collection[str], configured: Collection[str]
             ) -> list[str]:

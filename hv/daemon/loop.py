@@ -782,6 +782,7 @@ class Daemon:
                     save_estimator(m)
         if self.sharing is not None:
             await self.sharing.stop()
+        await asyncio.to_thread(self.discovery.close)
         await detach(self.vms, max(CLOSE_MIN_S, stop_by - time.monotonic()))
         status.status_file().unlink(missing_ok=True)
         if self._guard_owned and self.guard.empty:

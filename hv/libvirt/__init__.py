@@ -6,9 +6,9 @@
     domain    :class:`Domain`, the handle (a :class:`hv.qemu.vm.VM`)
 """
 
-from hv.libvirt.domain import Domain, list_active
+from hv.libvirt.domain import Domain, Lister
 from hv.libvirt.domxml import POLICY_NS, Policy, XmlPolicy, merge_policy
 from hv.libvirt.naming import DEFAULT_URI, DomainRef, is_libvirt, parse_ref, uri_of
 
 __all__ = ["Domain", "DomainRef", "parse_ref", "is_libvirt", "uri_of", "DEFAULT_URI",
-           "list_active", "POLICY_NS", "XmlPolicy", "Policy", "merge_policy"]
+           "Lister", "POLICY_NS", "XmlPolicy", "Policy", "merge_policy"]

@@ -48,7 +48,7 @@ from hv.qemu.vm import (
     VMState,
 )
 
-__all__ = ["Domain", "PID_DIR", "binding", "list_active"]
+__all__ = ["Domain", "Lister", "PID_DIR", "binding"]
 
 PID_DIR = "/run/libvirt/qemu"  # where libvirtd's qemu:///system driver writes NAME.pid
 
@@ -97,16 +97,34 @@ def open_connection(name: str, uri: str) -> Any:
         raise connect_error(name, uri, *_code(exc)) from exc
 
 
-def list_active(uri: str) -> list[str]:
-    """Names of the running domains at ``uri`` (blocking)."""
-    lv = binding()
-    conn = open_connection(f"libvirt {uri}", uri)
-    try:
-        return sorted(d.name() for d in conn.listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
-    except lv.libvirtError as exc:
-        raise from_libvirt(f"libvirt {uri}", "listing domains", *_code(exc)) from exc
-    finally:
-        conn.close()
+class Lister:
+    """The running domains at one URI, over one connection kept open from call to call
+    (``hv run`` lists them every tick) and opened again once if it died (libvirtd
+    stopped or restarted).  Blocking calls."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: Any = None
+
+    def active(self) -> list[str]:
+        lv = binding()
+        for attempt in range(2):
+            if self._conn is None:
+                self._conn = open_connection(f"libvirt {self.uri}", self.uri)
+            try:
+                return sorted(d.name() for d in
+                              self._conn.listAllDomains(lv.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+            except lv.libvirtError as exc:
+                self.close()
+                if attempt:
+                    raise from_libvirt(f"libvirt {self.uri}", "listing domains",
+                                       *_code(exc)) from exc
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _close_quietly(conn)
 
 
 def _method(name: str) -> Callable[..., Any]:
