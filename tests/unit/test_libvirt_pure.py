@@ -182,3 +182,59 @@ def test_discovery_new_refused_and_retried_after_restart() -> None:
     assert d.new(["a", "b"], taken={"a"}, configured={"c"}) == ["b"]  # b is back: tried again
     cfg = discovered_config("b")
     assert cfg.libvirt == "b" and cfg.given == frozenset()
+
+
+# -- the discovery's connection ----------------------------------------------------------
+
+class _FakeLibvirtError(Exception):
+    def get_error_code(self) -> int:
+        return lverr.VIR_ERR_SYSTEM_ERROR
+
+
+class _FakeDomain:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def name(self) -> str:
+        return self._name
+
+
+class _FakeConn:
+    def __init__(self, names: list[str], dead: bool = False) -> None:
+        self.names, self.dead, self.closed = names, dead, False
+
+    def listAllDomains(self, flags: int) -> list[_FakeDomain]:  # noqa: N802 - libvirt's name
+        if self.dead:
+            raise _FakeLibvirtError("internal error: client socket is closed")
+        return [_FakeDomain(n) for n in self.names]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_lister_keeps_one_connection_and_reopens_a_dead_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from hv.libvirt import domain as lvdom
+    fake = SimpleNamespace(libvirtError=_FakeLibvirtError, VIR_CONNECT_LIST_DOMAINS_ACTIVE=1)
+    monkeypatch.setattr(lvdom, "binding", lambda: fake)
+    opened: list[_FakeConn] = []
+
+    def open_connection(name: str, uri: str) -> _FakeConn:
+        opened.append(_FakeConn(["b", "a"]))
+        return opened[-1]
+    monkeypatch.setattr(lvdom, "open_connection", open_connection)
+    lister = lvdom.Lister("qemu:///system")
+    assert lister.active() == ["a", "b"] and lister.active() == ["a", "b"]
+    assert len(opened) == 1  # kept from call to call
+    opened[0].dead = True  # libvirtd restarted
+    assert lister.active() == ["a", "b"]
+    assert len(opened) == 2 and opened[0].closed and not opened[1].closed
+    # Both the old and a new connection failing: one LibvirtError naming libvirtd.
+    monkeypatch.setattr(lvdom, "open_connection",
+                        lambda name, uri: _FakeConn([], dead=True))
+    opened[1].dead = True
+    with pytest.raises(LibvirtError, match="listing domains: lost libvirtd"):
+        lister.active()
+    lister.close()
