@@ -20,7 +20,7 @@ from hv.qemu.vm import VM, RamRange
 from hv.sharing import optout
 from hv.sharing import state as st
 from hv.sharing.index import SharingIndex, VmPages, build_index, read_ksm_stat
-from hv.sharing.scan import Scanner, Target, open_targets, outside_ksm_pfns
+from hv.sharing.scan import Scanner, Target, open_targets, outside_ksm
 from hv.units import PAGE_SIZE, format_size, table
 
 __all__ = ["register", "cmd_share", "format_index"]
@@ -86,7 +86,7 @@ def _share_cached(targets: list[Target]) -> SharingIndex:
     vms = []
     for t in targets:
         with st.open_state(st.state_path(t.name), t.identity(), writable=False) as s:
-            vms.append(VmPages(t.name, s.snapshot(), read_ksm_stat(t.pid), outside_ksm_pfns(t)))
+            vms.append(VmPages(t.name, s.snapshot(), read_ksm_stat(t.pid), *outside_ksm(t)))
     return build_index(vms)
 
 

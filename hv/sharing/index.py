@@ -47,7 +47,10 @@ a VM's input may carry the frames of the KSM pages of its QEMU *outside* guest R
 (``outside_ksm_pfns``, frames only: nothing there is hashed).  They join the KSM frame
 groups, so a frame's ``k`` counts every mapping, and their fair part is the VM's
 ``outside_savings_pages``: in realized savings and ``ksm_profit_pages``, not in merged
-savings, the backlog or any page count of guest RAM.
+savings, the backlog or any page count of guest RAM.  KSM's zero pages there (a
+zero-filled video memory, with ``use_zero_pages``) carry no KSM flag either: the part
+of the kernel's ``ksm_zero_pages`` that guest RAM's zero-page mappings cannot hold is
+theirs, up to the zero-page mappings outside (``outside_zero_pages``).
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class VmPages:
     snapshot: Snapshot
     ksm_stat: Mapping[str, int] = field(default_factory=dict)
     outside_ksm_pfns: U64Array = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    outside_zero_pages: int = 0  # outside guest RAM, mapping the zero page (KSM's or not)
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ class VmSharing:
     realized_savings_pages: float   # merged + outside, less KSM's bookkeeping for this VM
     ksm_profit_pages: float | None  # the kernel's ksm_process_profit, from hv's count
     ksm_outside_pages: int = 0      # flagged KSM in its QEMU outside guest RAM (ROMs, video)
-    outside_savings_pages: float = 0.0  # fair part of what those merges save
+    outside_savings_pages: float = 0.0  # fair part of what those merges save, and KSM zero pages there
 
     @property
     def ksm_metadata_pages(self) -> float:
@@ -263,10 +267,15 @@ def build_index(vms: Sequence[VmPages]) -> SharingIndex:
     per_ksm_zero = np.minimum(per_zero_page, [float(v.ksm_stat.get("ksm_zero_pages", 0))
                                               for v in vms])
     per_zero_mapped = per_zero_page - per_ksm_zero
+    # The rest of the kernel's count is KSM's zero pages outside guest RAM (a zero-filled
+    # video memory), up to the zero-page mappings there.
+    per_outside_zero = np.minimum([float(v.outside_zero_pages) for v in vms],
+                                  [float(v.ksm_stat.get("ksm_zero_pages", 0)) for v in vms]
+                                  - per_ksm_zero)
     per_zero = _per_vm_sum(vm[zero], None, nvms) - per_zero_mapped
     per_ksm = _per_vm_sum(vm[ksm & ram], None, nvms)
     per_ksm_outside = _per_vm_sum(vm[ksm & ~ram], None, nvms)
-    per_outside = _per_vm_sum(vm, outside_share, nvms)
+    per_outside = _per_vm_sum(vm, outside_share, nvms) + per_outside_zero
     per_dup = _per_vm_sum(cvm[dup], None, nvms)
     per_inter = _per_vm_sum(cvm[inter], None, nvms)
     per_hint = _per_vm_sum(cvm[~dup], None, nvms)
@@ -293,8 +302,9 @@ def build_index(vms: Sequence[VmPages]) -> SharingIndex:
             merged_savings_pages=round(float(per_merged[i]), 1),
             outside_savings_pages=round(float(per_outside[i]), 1),
             realized_savings_pages=round(float(per_merged[i] + per_outside[i]) - meta, 1),
-            ksm_profit_pages=(round(float(per_ksm[i] + per_ksm_outside[i] + per_ksm_zero[i])
-                                    - meta, 1) if rmap is not None else None)))
+            ksm_profit_pages=(round(float(per_ksm[i] + per_ksm_outside[i] + per_ksm_zero[i]
+                                          + per_outside_zero[i]) - meta, 1)
+                              if rmap is not None else None)))
     ksm_zero_total = int(per_ksm_zero.sum())
     potential = (int(zero.sum()) - int(per_zero_mapped.sum())
                  + int(size_of[dup].size - dup_groups.size))
@@ -304,5 +314,5 @@ def build_index(vms: Sequence[VmPages]) -> SharingIndex:
         vms=tuple(rows), groups=int(dup_groups.size),
         inter_vm_groups=int(np.count_nonzero(vms_in_group[dup_groups] >= 2)),
         potential_savings_pages=potential, merged_savings_pages=merged,
-        realized_savings_pages=ksm_zero_total + int(round(ksm_share.sum()))
-        - int(round(meta_total / PAGE_SIZE)))
+        realized_savings_pages=ksm_zero_total + int(per_outside_zero.sum())
+        + int(round(ksm_share.sum())) - int(round(meta_total / PAGE_SIZE)))

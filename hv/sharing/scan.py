@@ -31,7 +31,7 @@ from hv.sharing import state as st
 from hv.sharing.index import SharingIndex, VmPages, build_index, read_ksm_stat
 from hv.units import PAGE_SIZE
 
-__all__ = ["Target", "check_qemu", "open_targets", "outside_ksm_pfns", "Scanner"]
+__all__ = ["Target", "check_qemu", "open_targets", "outside_ksm", "Scanner"]
 
 
 @dataclass(frozen=True)
@@ -98,23 +98,26 @@ async def open_targets(names: Sequence[str], connect: str | None = None
     yield out
 
 
-def outside_ksm_pfns(t: Target) -> U64Array:
-    """Frames of the KSM pages in the VM's QEMU outside guest RAM: its other
-    mergeable RAM blocks (ROMs, video memory), read from pagemap and kpageflags only.
-    KSM merges them across VMs and the kernel counts them in its profits
-    (:mod:`hv.sharing.index`).  A QEMU that exits meanwhile has none."""
+def outside_ksm(t: Target) -> tuple[U64Array, int]:
+    """What KSM holds of the VM's QEMU outside guest RAM, in its other mergeable RAM
+    blocks (ROMs, video memory), read from pagemap and kpageflags only: the frames of
+    its KSM pages, and how many pages there map the zero page (KSM's zero pages among
+    them: a zero-filled video memory).  KSM merges them across VMs and the kernel
+    counts them in its profits (:mod:`hv.sharing.index`).  A QEMU that exits meanwhile
+    has none."""
     ram = [(r.hva, r.hva + r.size) for r in t.ram]
     outside = []
     try:
         for start, length in proc.mergeable_ranges(t.pid, t.name):
             outside += _minus(start, start + length, ram)
         if not outside:
-            return np.zeros(0, dtype=np.uint64)
+            return np.zeros(0, dtype=np.uint64), 0
         res = native.scan(t.pid, outside, read_content=False)
     except (VMGone, NativeError):
-        return np.zeros(0, dtype=np.uint64)
-    pfns: U64Array = res.pfns[res.has(PageFlags.KSM) & res.has(PageFlags.PRESENT)]
-    return pfns
+        return np.zeros(0, dtype=np.uint64), 0
+    present = res.has(PageFlags.PRESENT)
+    pfns: U64Array = res.pfns[res.has(PageFlags.KSM) & present]
+    return pfns, int(np.count_nonzero(res.has(PageFlags.ZERO_PAGE) & present))
 
 
 @dataclass
@@ -128,7 +131,7 @@ class Scanner:
     scan_wall_s: float = 0.0
     _states: dict[str, st.PageState] = field(default_factory=dict)
     # Per VM, from its last scan: frames of the KSM pages of its QEMU outside guest RAM.
-    _outside: dict[str, U64Array] = field(default_factory=dict)
+    _outside: dict[str, tuple[U64Array, int]] = field(default_factory=dict)
 
     def state(self, t: Target) -> st.PageState:
         s = self._states.get(t.name)
@@ -159,13 +162,14 @@ class Scanner:
             self.scan_cpu_s += time.process_time() - c0
             self.scan_wall_s += time.monotonic() - w0
         st.update(s, res, t.pid)
-        self._outside[t.name] = outside_ksm_pfns(t)
+        self._outside[t.name] = outside_ksm(t)
         return res
 
     def index(self) -> SharingIndex:
         """The table from the current state files (no scan)."""
+        none: tuple[U64Array, int] = (np.zeros(0, dtype=np.uint64), 0)
         return build_index([VmPages(t.name, self.state(t).snapshot(), read_ksm_stat(t.pid),
-                                    self._outside.get(t.name, np.zeros(0, dtype=np.uint64)))
+                                    *self._outside.get(t.name, none))
                             for t in self.targets])
 
     def scan_stable(self, interval_s: float) -> SharingIndex:
