@@ -123,15 +123,16 @@ class Guests:
         self.logs: list[Path] = []
 
     def launch(self, name: str, mem: str = "256M", workload: str = "idle",
-               initrd: str | None = None, disk: str | None = None,
+               initrd: str | None = None, disk: str | None = None, thp: bool = True,
                **params: object) -> dict[str, Any]:
-        """Launch one guest; returns its info (pid, socket, console path)."""
+        """Launch one guest; returns its info (pid, socket, console path).  ``thp``
+        False: its RAM without transparent huge pages."""
         from hv.qemu import accel, launch
         from hv.units import parse_size
 
         spec = launch.GuestSpec(name=name, mem_bytes=parse_size(mem), workload=workload,
                                 params={k: str(v) for k, v in params.items()},
-                                accel=accel.choose().accel, initrd=initrd, disk=disk)
+                                accel=accel.choose().accel, initrd=initrd, disk=disk, thp=thp)
 
         async def go() -> dict[str, Any]:
             vm = await launch.launch(spec)

@@ -116,7 +116,7 @@ class VmSharing:
     realized_savings_pages: float   # merged + outside, less KSM's bookkeeping for this VM
     ksm_profit_pages: float | None  # the kernel's ksm_process_profit, from hv's count
     ksm_outside_pages: int = 0      # flagged KSM in its QEMU outside guest RAM (ROMs, video)
-    outside_savings_pages: float = 0.0  # fair part of what those merges save, and KSM zero pages there
+    outside_savings_pages: float = 0.0  # fair part of those merges, and KSM zero pages there
 
     @property
     def ksm_metadata_pages(self) -> float:
