@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
@@ -322,11 +323,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(Exception):
+    """SIGTERM reached a command: it was cancelled and its cleanup ran."""
+
+
+async def _cancelled_by_sigterm(work: Coroutine[Any, Any, int]) -> int:
+    """Run a command so that SIGTERM cancels it as ^C does: its ``finally`` blocks and
+    context managers run (guests stopped, KSM and swap restored) before hv exits.
+    ``hv run`` installs its own handler for the daemon's orderly stop."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    termed = False
+
+    def on_term() -> None:
+        nonlocal termed
+        termed = True
+        task.cancel()
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if termed:
+            raise Terminated() from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler: Handler = args.func
-        return asyncio.run(handler(args))
+        return asyncio.run(_cancelled_by_sigterm(handler(args)))
+    except Terminated:
+        print("hv: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except QMPBusy as exc:
         from hv.published import running_status
         snapshot = running_status()

@@ -414,7 +414,7 @@ def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
         per_vm=[{"vm": v.vm, "present": v.present, "potential": v.potential_savings_pages,
                  "merged": v.merged_savings_pages, "realized": v.realized_savings_pages,
                  "zero_mapped": v.zero_mapped, "ksm_merging_pages": v.ksm_merging_pages,
-                 "ksm_profit_pages": v.ksm_profit_pages}
+                 "ksm_profit_pages": v.ksm_profit_pages, "outside": v.outside_savings_pages}
                 for v in index.vms],
         samples=samples, disturbed=bool(disturbed), thp_bytes_at_start=thp_at_start,
         note="; ".join(([] if t_conv is not None else [f"did not converge in {cfg.timeout_s:.0f} s"])
