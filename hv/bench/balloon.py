@@ -30,9 +30,14 @@ The same memory-bound workload runs in three kinds of guest, at each size X:
   use (clean cache) and the balloon and the page-out have a full guest to take from.
 
 The two large guests are booted once and paused while the other series run, so that
-only one guest runs at a time (2 cores; TCG); the sizes go from the largest down.  Each
-measurement is a ``--window`` of the workload's own per-second console lines (a
-running count and guest time), taken once the guest has been at X for ``--settle``.
+only one guest runs at a time (2 cores; TCG); the sizes go from the largest down.  At
+each size the configured guest boots, then each large guest is brought down to X and
+runs there for ``--settle``; then each series' ``--window`` is measured as
+``--rounds`` slices taken in rotation (configured, ballooned, swapped; then ballooned,
+swapped, configured; ...), each after :data:`SLICE_SETTLE_S` of running, so that a slow
+patch of the shared host falls on every series alike.  A slice is the workload's own
+per-second console lines (a running count and guest time); a series' throughput is
+its slices' counts over their guest time.
 The guests read a disk of random data made for the run in ``/var/tmp``; host swap is
 created for the swapped series if the host has less than ``--mem`` free.  Both are
 removed at the end, as every guest is stopped, even after an error or ^C.
@@ -51,10 +56,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -73,6 +78,7 @@ __all__ = ["BalloonConfig", "BalloonResult", "SERIES", "BALLOON_TOLERANCE", "ACC
            "config_from_args", "run", "format_result", "shape_rows", "throughput"]
 
 SERIES = ("configured", "ballooned", "swapped")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ WORKLOADS = {
 }
 BALLOON_TOLERANCE = 0.10  # the issue's bound: ballooned within 10 % of configured
 GUEST_RESERVE_MIB = 128  # the guest's kernel, init and some cache beside the toucher
+SLICE_SETTLE_S = 2.0  # a resumed guest's workload back in stride before a slice
 SWAP_TICK_S = 0.5  # how often the excess over X is paged out (hv run's tick is 1-2 s)
 SWAP_SLACK_BYTES = 2 * MiB  # "at X": resident guest RAM within this of X
 REDUCE_TIMEOUT_S = 60.0  # TCG balloons and pages out a few hundred MiB in seconds
@@ -110,6 +117,7 @@ class BalloonConfig:
     access: str = "random"  # pagecache: blocks at random, or the disk cyclically
     ws_mib: int = 64
     window_s: float = 25.0
+    rounds: int = 5  # the window taken as this many slices, the series in rotation
     settle_s: float = 8.0
     prefix: str = "bb"
     out_dir: Path = Path("bench-balloon")
@@ -151,10 +159,13 @@ class BalloonConfig:
                              f"{mem // MiB} MiB (-m)")
         if not (math.isfinite(a.window) and a.window >= 3):
             raise UsageError("--window must be at least 3 seconds")
+        if not 1 <= a.rounds <= a.window / 3:
+            raise UsageError("--rounds must be at least 1, with slices of at least 3 seconds "
+                             "(--window / --rounds)")
         if not (math.isfinite(a.settle) and a.settle >= 0):
             raise UsageError("--settle must be a number of seconds >= 0")
         return cls(tuple(sorted(sizes, reverse=True)), mem, a.workload, a.file, a.access,
-                   a.ws, a.window, a.settle, a.prefix, Path(a.out))
+                   a.ws, a.window, a.rounds, a.settle, a.prefix, Path(a.out))
 
 
 def config_from_args(a: argparse.Namespace) -> BalloonConfig:
@@ -178,6 +189,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="toucher: the working set (default 64)")
     p.add_argument("--window", type=float, default=25.0, metavar="SECONDS",
                    help="how long each throughput is measured (default 25)")
+    p.add_argument("--rounds", type=int, default=5, metavar="N",
+                   help="take each window as N slices, the three series in rotation, so that "
+                   "a slow patch of the host falls on all of them (default 5)")
     p.add_argument("--settle", type=float, default=8.0, metavar="SECONDS",
                    help="how long the workload runs at X before the window (default 8)")
     p.add_argument("--prefix", default="bb", help="prefix of the guests' names")
@@ -251,18 +265,21 @@ async def _next_point(name: str, w: Workload, after: int) -> int:
     return after
 
 
-async def _window(vm: VM, cfg: BalloonConfig) -> dict[str, Any]:
-    """The workload's throughput over the window from now, and the guest's host memory."""
+async def _slice(vm: VM, cfg: BalloonConfig, seconds: float) -> list[tuple[float, int]]:
+    """The workload's console lines over ``seconds`` from now (one slice of a window)."""
     w = WORKLOADS[cfg.workload]
     first = await _next_point(vm.name, w, len(_points(vm.name, w)))
-    await asyncio.sleep(cfg.window_s)  # the measurement interval itself
+    await asyncio.sleep(seconds)  # the measurement interval itself
     last = await _next_point(vm.name, w, len(_points(vm.name, w)))
-    points = _points(vm.name, w)[first:last + 1]
-    use = vm.host_usage()
-    rate = throughput(points)
-    return {"throughput": None if rate is None else round(rate, 2),
-            "points": points, "rss_mib": round(use.rss_bytes / MiB, 1),
-            "swap_mib": round(use.swap_bytes / MiB, 1)}
+    return _points(vm.name, w)[first:last + 1]
+
+
+def pooled_throughput(slices: list[list[tuple[float, int]]]) -> float | None:
+    """Count per guest second over all slices: their counts over their guest times."""
+    spans = [(s[-1][1] - s[0][1], s[-1][0] - s[0][0]) for s in slices
+             if len(s) >= 2 and s[-1][0] > s[0][0]]
+    seconds = sum(t for _, t in spans)
+    return sum(c for c, _ in spans) / seconds if seconds > 0 else None
 
 
 class Squeeze:
@@ -333,59 +350,92 @@ def _make_disk(path: Path, mib: int) -> None:
             f.write(os.urandom(DISK_CHUNK))
 
 
-async def _measure_configured(cfg: BalloonConfig, x: int, disk: Path,
-                              progress: Progress) -> dict[str, Any]:
-    plan = _plan(cfg, f"{cfg.prefix}c{x}", x, disk)
-    async with Fleet([plan], progress) as fleet:
-        await _ready(plan)
-        async with VM(plan.name, fleet.vms[0].socket) as vm:
-            await asyncio.sleep(cfg.settle_s)
-            got = await _window(vm, cfg)
-    return {"reached": True, "reduce_s": 0.0, **got}
-
-
-async def _measure_ballooned(vm: VM, cfg: BalloonConfig, x: int) -> dict[str, Any]:
+async def _ballooned_to(vm: VM, cfg: BalloonConfig, x: int) -> dict[str, Any]:
+    """Balloon the running guest down to X and let the workload settle there."""
     rss0 = vm.host_usage().rss_bytes
     t0 = time.monotonic()
     await vm.set_balloon(x * MiB)
     await vm.wait_balloon(x * MiB, REDUCE_TIMEOUT_S)
     reduce_s = time.monotonic() - t0
     await asyncio.sleep(cfg.settle_s)
-    got = await _window(vm, cfg)
-    return {"reached": True, "reduce_s": round(reduce_s, 2),
-            "rss_before_mib": round(rss0 / MiB, 1), **got}
+    return {"reached": True, "reduce_s": round(reduce_s, 2), "rss_before_mib": round(rss0 / MiB, 1)}
 
 
-async def _measure_swapped(vm: VM, cfg: BalloonConfig, x: int) -> dict[str, Any]:
-    squeeze = Squeeze(vm, x * MiB, seed=x)
-    rss0 = vm.host_usage().rss_bytes
+async def _swapped_to(squeeze: Squeeze, cfg: BalloonConfig) -> dict[str, Any]:
+    """Page the running guest out to X and let the workload settle there (held at X)."""
+    rss0 = squeeze.vm.host_usage().rss_bytes
     t0 = time.monotonic()
     reached = await squeeze.down(REDUCE_TIMEOUT_S)
     reduce_s = time.monotonic() - t0
-    holding = asyncio.create_task(squeeze.hold())
-    try:
+    async with _holding(squeeze):
         await asyncio.sleep(cfg.settle_s)
-        squeeze.invalidated, squeeze.freed_bytes, squeeze.rss_seen = 0, 0, []
-        got = await _window(vm, cfg)
-    finally:
-        holding.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await holding
-    seen = squeeze.rss_seen or [0]
+    squeeze.invalidated, squeeze.freed_bytes, squeeze.rss_seen = 0, 0, []
     return {"reached": reached, "reduce_s": round(reduce_s, 2),
-            "rss_before_mib": round(rss0 / MiB, 1),
-            "window_paged_out_mib": round(squeeze.invalidated * PAGE_SIZE / MiB, 1),
-            "window_freed_mib": round(squeeze.freed_bytes / MiB, 1),
-            "window_rss_mean_mib": round(sum(seen) / len(seen) / MiB, 1), **got}
+            "rss_before_mib": round(rss0 / MiB, 1)}
 
 
-async def _resumed(vm: VM, measure: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def _holding(squeeze: Squeeze | None) -> AsyncIterator[None]:
+    """Hypervisor swap holding the guest at X while it runs (nothing for the others)."""
+    task = asyncio.create_task(squeeze.hold()) if squeeze is not None else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _resumed(vm: VM, measure: Callable[[], Awaitable[T]]) -> T:
     """Run ``measure`` with the (paused) guest running; pause it again after."""
     await vm.resume()
     try:
         return await measure()
     finally:
         await vm.pause()
+
+
+def rotation(series: list[str], rounds: int) -> list[str]:
+    """The order of a size's slices: each round starts one series later, so no series
+    is always first after another's slice or always last."""
+    n = len(series)
+    return [series[(r + i) % n] for r in range(rounds) for i in range(n)]
+
+
+async def _interleaved(cfg: BalloonConfig, guests: dict[str, tuple[VM, Squeeze | None]]
+                       ) -> dict[str, dict[str, Any]]:
+    """Each series' window, taken as ``cfg.rounds`` slices in rotation with one guest
+    running at a time: a slow patch of the shared host falls on every series alike."""
+    slices: dict[str, list[list[tuple[float, int]]]] = {s: [] for s in guests}
+    seconds = cfg.window_s / cfg.rounds
+    for series in rotation(list(guests), cfg.rounds):
+        vm, squeeze = guests[series]
+
+        async def one(vm: VM = vm, squeeze: Squeeze | None = squeeze
+                      ) -> list[tuple[float, int]]:
+            async with _holding(squeeze):
+                await asyncio.sleep(SLICE_SETTLE_S)
+                return await _slice(vm, cfg, seconds)
+        slices[series].append(await _resumed(vm, one))
+    out = {}
+    for series, (vm, squeeze) in guests.items():
+        use = vm.host_usage()
+        rate = pooled_throughput(slices[series])
+        got: dict[str, Any] = {
+            "throughput": None if rate is None else round(rate, 2),
+            "slice_throughputs": [None if (r := throughput(p)) is None else round(r, 2)
+                                  for p in slices[series]],
+            "points": [p for sl in slices[series] for p in sl],
+            "slices": [len(sl) for sl in slices[series]],
+            "rss_mib": round(use.rss_bytes / MiB, 1), "swap_mib": round(use.swap_bytes / MiB, 1)}
+        if squeeze is not None:
+            seen = squeeze.rss_seen or [0]
+            got.update({"window_paged_out_mib": round(squeeze.invalidated * PAGE_SIZE / MiB, 1),
+                        "window_freed_mib": round(squeeze.freed_bytes / MiB, 1),
+                        "window_rss_mean_mib": round(sum(seen) / len(seen) / MiB, 1)})
+        out[series] = got
+    return out
 
 
 async def _measure_all(cfg: BalloonConfig, disk: Path, progress: Progress) -> list[dict[str, Any]]:
@@ -403,17 +453,36 @@ async def _measure_all(cfg: BalloonConfig, disk: Path, progress: Progress) -> li
             for vm in (bal, swp):
                 await vm.pause()
             for x in cfg.sizes_mib:
-                steps: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
-                    ("configured", lambda: _measure_configured(cfg, x, disk, progress)),
-                    ("ballooned", lambda: _resumed(bal, lambda: _measure_ballooned(bal, cfg, x))),
-                    ("swapped", lambda: _resumed(swp, lambda: _measure_swapped(swp, cfg, x)))]
-                for series, measure in steps:
-                    got = await measure()
-                    runs.append({"size_mib": x, "series": series, **got})
-                    progress(f"  X={x} MiB  {series:<10}  {got['throughput'] or 0:8.1f} "
-                             f"{WORKLOADS[cfg.workload].unit}"
-                             f"  (at X in {got['reduce_s']:.1f} s; host RSS {got['rss_mib']:.0f} MiB,"
-                             f" swapped {got['swap_mib']:.0f} MiB)")
+                runs += await _measure_size(cfg, x, disk, bal, swp, progress)
+    return runs
+
+
+async def _measure_size(cfg: BalloonConfig, x: int, disk: Path, bal: VM, swp: VM,
+                        progress: Progress) -> list[dict[str, Any]]:
+    """The three series at X: a guest booted with X, the two large guests brought down
+    to X one at a time, then their windows in rotation."""
+    plan = _plan(cfg, f"{cfg.prefix}c{x}", x, disk)
+    async with Fleet([plan], progress) as fleet:
+        await _ready(plan)
+        async with VM(plan.name, fleet.vms[0].socket) as conf:
+            await asyncio.sleep(cfg.settle_s)
+            await conf.pause()
+            squeeze = Squeeze(swp, x * MiB, seed=x)
+            reach = {"configured": {"reached": True, "reduce_s": 0.0},
+                     "ballooned": await _resumed(bal, lambda: _ballooned_to(bal, cfg, x)),
+                     "swapped": await _resumed(swp, lambda: _swapped_to(squeeze, cfg))}
+            measured = await _interleaved(cfg, {"configured": (conf, None),
+                                                "ballooned": (bal, None),
+                                                "swapped": (swp, squeeze)})
+    runs = []
+    for series in SERIES:
+        got = {**reach[series], **measured[series]}
+        runs.append({"size_mib": x, "series": series, **got})
+        slices = ", ".join("-" if r is None else f"{r:.0f}" for r in got["slice_throughputs"])
+        progress(f"  X={x} MiB  {series:<10}  {got['throughput'] or 0:8.1f} "
+                 f"{WORKLOADS[cfg.workload].unit} (slices {slices})"
+                 f"  (at X in {got['reduce_s']:.1f} s; host RSS {got['rss_mib']:.0f} MiB,"
+                 f" swapped {got['swap_mib']:.0f} MiB)")
     return runs
 
 
@@ -426,8 +495,8 @@ async def run(cfg: BalloonConfig, progress: Progress = lambda s: None) -> Balloo
         with host_swap(cfg.mem_bytes, work, progress) as created_mib:
             check_can_sample()  # page-out needs host swap and process_madvise
             progress(f"sizes {', '.join(map(str, cfg.sizes_mib))} MiB; {cfg.window_s:g} s per "
-                     f"measurement; configured, ballooned from {cfg.mem_mib} MiB, swapped from "
-                     f"{cfg.mem_mib} MiB")
+                     f"measurement in {cfg.rounds} slices, the series in rotation; configured, "
+                     f"ballooned from {cfg.mem_mib} MiB, swapped from {cfg.mem_mib} MiB")
             runs = await _measure_all(cfg, disk, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -487,12 +556,18 @@ def save_plot(result: BalloonResult) -> None:
     ax.legend(fontsize=8, loc="lower right")
     smallest = min(cfg["sizes_mib"])
     for run_ in result.runs:
-        pts = run_["points"]
-        if run_["size_mib"] == smallest and len(pts) > 1:
-            t = [p[0] - pts[0][0] for p in pts[1:]]
-            rate = [(b[1] - a[1]) / max(b[0] - a[0], 1e-9) for a, b in zip(pts, pts[1:])]
+        if run_["size_mib"] != smallest:
+            continue
+        t, rate, at, pts = [], [], 0.0, run_["points"]
+        for n in run_.get("slices", [len(pts)]):  # seconds within a slice, slices end to end
+            sl, pts = pts[:n], pts[n:]
+            for a, b in zip(sl, sl[1:]):
+                at += b[0] - a[0]
+                t.append(at)
+                rate.append((b[1] - a[1]) / max(b[0] - a[0], 1e-9))
+        if t:
             tx.plot(t, rate, color=colors[run_["series"]], label=run_["series"])
-    tx.set(xlabel="guest seconds into the window", ylabel=unit,
+    tx.set(xlabel="guest seconds measured (its slices end to end)", ylabel=unit,
            title=f"each second at X = {smallest} MiB", ylim=(0, None))
     tx.legend(fontsize=8)
     fig.tight_layout()

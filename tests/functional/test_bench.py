@@ -152,7 +152,8 @@ def test_bench_tax_refuses_bad_input_in_one_line(run_dir: Path, state_dir: Path)
 def test_bench_balloon_two_sizes_three_series(run_dir: Path, state_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     r = hv_cli("bench", "balloon", "--sizes", "160,256", "-m", "320M", "--file", "128",
-               "--window", "4", "--settle", "1", "--prefix", "bbt", "--out", str(out),
+               "--window", "6", "--rounds", "2", "--settle", "1", "--prefix", "bbt",
+               "--out", str(out),
                timeout_s=240)
     print(r.stdout[-3000:])
     assert r.returncode in (0, 3), r.stderr  # 3: a shape missed (judged below)
@@ -164,6 +165,7 @@ def test_bench_balloon_two_sizes_three_series(run_dir: Path, state_dir: Path, tm
     assert set(runs) == {(x, s) for x in (160, 256) for s in ("configured", "ballooned", "swapped")}
     for (x, series), got in runs.items():
         assert got["throughput"] > 0 and len(got["points"]) >= 3, (x, series, got)
+        assert len(got["slices"]) == 2 == len(got["slice_throughputs"]), got  # --rounds 2
         assert got["reached"], (x, series)
     # The balloon took the memory: the 320 MiB guest holds about X of host memory.
     assert runs[160, "ballooned"]["rss_mib"] <= 160 + 8

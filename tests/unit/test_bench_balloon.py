@@ -38,6 +38,8 @@ def test_defaults_give_five_sizes_largest_first() -> None:
     (["--workload", "toucher", "--ws", "200", "--sizes", "256"], "too small"),
     (["--window", "1"], "at least 3 seconds"),
     (["--window", "nan"], "at least 3 seconds"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--window", "12", "--rounds", "5"], "slices of at least 3 seconds"),
     (["--file", "0"], "at least 1 MiB"),
     (["-m", "300.5M"], "whole number of MiB"),
 ])
@@ -83,3 +85,18 @@ def test_format_result_shows_every_size_and_the_misses() -> None:
     text = balloon.format_result(res)
     assert "CONFIGURED MiB/s" in text and "75.0%" in text and "25.0%" in text
     assert "MISSED" in text and "X=320 MiB: ballooned -25.0 %" in text
+
+
+def test_slices_rotate_so_no_series_always_follows_another() -> None:
+    order = balloon.rotation(["c", "b", "s"], 3)
+    assert order == ["c", "b", "s", "b", "s", "c", "s", "c", "b"]
+    # Each series takes each place in a round once.
+    assert {tuple(order[i::3]) for i in range(3)} == {("c", "b", "s"), ("b", "s", "c"),
+                                                        ("s", "c", "b")}
+
+
+def test_pooled_throughput_is_the_slices_counts_over_their_guest_time() -> None:
+    # 20 in 2 s, then 30 in 2 s after a pause: 50 in 4 s; the pause does not count.
+    got = balloon.pooled_throughput([[(0.0, 0), (1.0, 10), (2.0, 20)], [(10.0, 20), (12.0, 50)]])
+    assert got == pytest.approx(12.5)
+    assert balloon.pooled_throughput([[(3.0, 7)]]) is None
