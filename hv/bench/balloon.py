@@ -357,8 +357,10 @@ async def _ballooned_to(vm: VM, cfg: BalloonConfig, x: int) -> dict[str, Any]:
     await vm.set_balloon(x * MiB)
     await vm.wait_balloon(x * MiB, REDUCE_TIMEOUT_S)
     reduce_s = time.monotonic() - t0
+    rss_at_x = vm.host_usage().rss_bytes
     await asyncio.sleep(cfg.settle_s)
-    return {"reached": True, "reduce_s": round(reduce_s, 2), "rss_before_mib": round(rss0 / MiB, 1)}
+    return {"reached": True, "reduce_s": round(reduce_s, 2), "rss_before_mib": round(rss0 / MiB, 1),
+            "rss_at_x_mib": round(rss_at_x / MiB, 1)}
 
 
 async def _swapped_to(squeeze: Squeeze, cfg: BalloonConfig) -> dict[str, Any]:
@@ -428,7 +430,8 @@ async def _interleaved(cfg: BalloonConfig, guests: dict[str, tuple[VM, Squeeze |
                                   for p in slices[series]],
             "points": [p for sl in slices[series] for p in sl],
             "slices": [len(sl) for sl in slices[series]],
-            "rss_mib": round(use.rss_bytes / MiB, 1), "swap_mib": round(use.swap_bytes / MiB, 1)}
+            "rss_mib": round(use.rss_bytes / MiB, 1), "swap_mib": round(use.swap_bytes / MiB, 1),
+            "balloon_actual_mib": round(await vm.balloon_actual() / MiB, 1)}
         if squeeze is not None:
             seen = squeeze.rss_seen or [0]
             got.update({"window_paged_out_mib": round(squeeze.invalidated * PAGE_SIZE / MiB, 1),

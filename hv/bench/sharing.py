@@ -38,8 +38,10 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import contextlib
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,8 +341,15 @@ def _shared(index: SharingIndex) -> int:
     return sum(v.stable_dups + v.zero for v in index.vms)
 
 
+class Stopped(Exception):
+    """The bench was cancelled (^C, SIGTERM) while a policy ran in its thread."""
+
+
 def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
-               progress: Progress) -> RunResult:
+               progress: Progress, stop: threading.Event | None = None) -> RunResult:
+    """One policy's run (blocking; in a thread).  ``stop`` set: return at the next
+    step by raising :class:`Stopped`, leaving KSM to the caller to restore."""
+    stop = stop or threading.Event()
     unmerge(ksm)
     thp_at_start = sum(proc.anon_huge_bytes(t.pid) for t in scanner.targets)
     progress(f"  {name} N={n}: KSM unmerged; {format_size(thp_at_start)} of guest RAM "
@@ -391,7 +400,8 @@ def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
         next_t = t + cfg.scan_period_s
         if t_conv is not None:
             next_t = min(next_t, t_conv + cfg.steady_s)
-        time.sleep(max(0.0, next_t - (time.monotonic() - t0)))
+        if stop.wait(max(0.0, next_t - (time.monotonic() - t0))):
+            raise Stopped(f"{name} N={n}: stopped")
         index = scanner.scan_all()
         scans += 1
     steady: float | None = None
@@ -455,7 +465,18 @@ async def _run_with_retries(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: 
     """One policy's run, again (up to ``cfg.retries`` times) if another process changed KSM."""
     for attempt in range(cfg.retries + 1):
         progress(f"  {name} N={n}: running (timeout {cfg.timeout_s:.0f} s)")
-        r = await asyncio.to_thread(run_policy, name, n, scanner, ksm, cfg, progress)
+        stop = threading.Event()
+        running = asyncio.ensure_future(asyncio.to_thread(run_policy, name, n, scanner, ksm,
+                                                          cfg, progress, stop))
+        try:
+            r = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            # Let the thread see it and end before the caller restores KSM and stops
+            # the guests: a thread still stepping would set KSM again after the restore.
+            stop.set()
+            with contextlib.suppress(Exception):
+                await running
+            raise
         if not r.disturbed or attempt == cfg.retries:
             break
         progress(f"  {name} N={n}: disturbed by another process; again")

@@ -48,9 +48,10 @@ a VM's input may carry the frames of the KSM pages of its QEMU *outside* guest R
 groups, so a frame's ``k`` counts every mapping, and their fair part is the VM's
 ``outside_savings_pages``: in realized savings and ``ksm_profit_pages``, not in merged
 savings, the backlog or any page count of guest RAM.  KSM's zero pages there (a
-zero-filled video memory, with ``use_zero_pages``) carry no KSM flag either: the part
-of the kernel's ``ksm_zero_pages`` that guest RAM's zero-page mappings cannot hold is
-theirs, up to the zero-page mappings outside (``outside_zero_pages``).
+zero-filled video memory, with ``use_zero_pages``) carry no KSM flag either: the
+zero-page mappings outside (``outside_zero_pages``) are taken as KSM's first, up to the
+kernel's ``ksm_zero_pages``, and guest RAM's zero-page mappings hold the rest, since
+only guest RAM also maps the zero page for reads of never-written pages.
 """
 
 from __future__ import annotations
@@ -264,14 +265,12 @@ def build_index(vms: Sequence[VmPages]) -> SharingIndex:
     per_present = _per_vm_sum(vm[present], None, nvms)
     per_zero_page = _per_vm_sum(vm[zero_page], None, nvms)
     # Which zero-page mappings KSM made no page flag says; the kernel counts them per VM.
-    per_ksm_zero = np.minimum(per_zero_page, [float(v.ksm_stat.get("ksm_zero_pages", 0))
-                                              for v in vms])
+    # Outside guest RAM first: a zero page mapped in video memory is KSM's (the guest
+    # wrote zeros there), where guest RAM also maps it for reads of never-written pages.
+    kernel_zero = np.array([float(v.ksm_stat.get("ksm_zero_pages", 0)) for v in vms])
+    per_outside_zero = np.minimum([float(v.outside_zero_pages) for v in vms], kernel_zero)
+    per_ksm_zero = np.minimum(per_zero_page, kernel_zero - per_outside_zero)
     per_zero_mapped = per_zero_page - per_ksm_zero
-    # The rest of the kernel's count is KSM's zero pages outside guest RAM (a zero-filled
-    # video memory), up to the zero-page mappings there.
-    per_outside_zero = np.minimum([float(v.outside_zero_pages) for v in vms],
-                                  [float(v.ksm_stat.get("ksm_zero_pages", 0)) for v in vms]
-                                  - per_ksm_zero)
     per_zero = _per_vm_sum(vm[zero], None, nvms) - per_zero_mapped
     per_ksm = _per_vm_sum(vm[ksm & ram], None, nvms)
     per_ksm_outside = _per_vm_sum(vm[ksm & ~ram], None, nvms)

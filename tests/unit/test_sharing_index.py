@@ -131,11 +131,11 @@ def test_ksm_pages_outside_guest_ram_count_in_the_profits_not_in_guest_ram() -> 
 
 
 def test_ksm_zero_pages_outside_guest_ram_are_the_rest_of_the_kernels_count() -> None:
-    # Guest RAM maps the zero page twice; the kernel counts 5 KSM zero pages for the VM:
-    # the other 3 are in its QEMU's video memory, which maps the zero page 4 times.
+    # Guest RAM maps the zero page twice, its QEMU's video memory 3 times; the kernel
+    # counts 5 KSM zero pages for the VM: all of them.
     stat = {"ksm_zero_pages": 5, "ksm_rmap_items": 0, "ksm_merging_pages": 0}
     a = VmPages("a", snap("a", [0, 0, 7], [ZP, ZP, R], [0, 0, 1]).snapshot, stat,
-                np.zeros(0, dtype=np.uint64), 4)
+                np.zeros(0, dtype=np.uint64), 3)
     idx = build_index([a])
     (va,) = idx.vms
     assert va.zero_mapped == 0 and va.merged_savings_pages == 2  # guest RAM's own
@@ -143,12 +143,14 @@ def test_ksm_zero_pages_outside_guest_ram_are_the_rest_of_the_kernels_count() ->
     assert va.realized_savings_pages == 5 and va.ksm_profit_pages == 5  # the kernel's
     assert idx.merged_savings_pages == 2 and idx.realized_savings_pages == 5
     assert idx.backlog_pages == 0
-    # Fewer zero-page mappings outside than the rest of the count: only those.
+    # Fewer zero-page mappings in all than the kernel's count: only those.
     b = VmPages("b", a.snapshot, stat, np.zeros(0, dtype=np.uint64), 1)
     assert build_index([b]).realized_savings_pages == 3
-    # Guest RAM holding the whole count leaves nothing to the outside ones.
-    c = VmPages("c", a.snapshot, {**stat, "ksm_zero_pages": 2}, np.zeros(0, dtype=np.uint64), 4)
-    assert build_index([c]).realized_savings_pages == 2
+    # Outside first: a count of 4 is the 4 outside; guest RAM's two are read faults'.
+    c = VmPages("c", a.snapshot, {**stat, "ksm_zero_pages": 4}, np.zeros(0, dtype=np.uint64), 4)
+    (vc,) = (idx_c := build_index([c])).vms
+    assert (vc.zero_mapped, vc.merged_savings_pages, vc.outside_savings_pages) == (2, 0, 4)
+    assert idx_c.realized_savings_pages == 4 and idx_c.backlog_pages == 0
 
 
 def test_empty_and_large_inputs() -> None:
