@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -40,14 +39,10 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval
 
 
 def console_events(log: Path, event: str) -> list[dict[str, str]]:
-    """The ``hv-guest: event=EVENT k=v ...`` lines of a console log, parsed."""
-    if not log.exists():
-        return []
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("hv-guest:") and f"event={event}" in line.split():
-            out.append(dict(re.findall(r"(\w+)=(\S+)", line)))
-    return out
+    """The ``hv-guest: event=EVENT k=v ...`` lines of a console log, parsed (whole
+    lines only: QEMU may be writing the last one)."""
+    from hv.bench.fleet import events_in
+    return events_in(log, event)
 
 
 def kill_pid(pid: int, timeout_s: float = 5.0) -> None:

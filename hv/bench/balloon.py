@@ -250,8 +250,16 @@ def shape_rows(runs: list[dict[str, Any]], sizes_mib: tuple[int, ...]) -> list[d
 
 # -- the run -------------------------------------------------------------------------
 def _points(name: str, w: Workload) -> list[tuple[float, int]]:
-    """The workload's (guest seconds, running count) lines so far."""
-    return [(float(e["t_s"]), int(e[w.counter])) for e in console_events(name, w.event)]
+    """The workload's (guest seconds, running count) lines so far.  A line the guest
+    kernel's own messages cut on the serial console is left out: the counts run on,
+    so the next whole line covers its second."""
+    out = []
+    for e in console_events(name, w.event):
+        try:
+            out.append((float(e["t_s"]), int(e[w.counter])))
+        except (KeyError, ValueError):
+            continue
+    return out
 
 
 async def _next_point(name: str, w: Workload, after: int) -> int:

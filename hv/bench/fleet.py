@@ -45,17 +45,23 @@ def refuse_if_daemon(what: str) -> None:
                         f"before {what}")
 
 
-def console_events(name: str, event: str) -> list[dict[str, str]]:
-    """The guest's ``event=EVENT`` console lines so far, parsed into key/value pairs."""
-    log = launcher.console_log(name)
+def events_in(log: Path, event: str) -> list[dict[str, str]]:
+    """The ``hv-guest: event=EVENT k=v ...`` lines of a console log so far, parsed into
+    key/value pairs.  Only whole lines: QEMU may be writing the last one."""
     if not log.exists():
         return []
     out = []
-    for line in log.read_text(errors="replace").splitlines():
+    text = log.read_text(errors="replace")
+    for line in text[:text.rfind("\n") + 1].splitlines():
         at = line.find("hv-guest:")  # a Debian console may print something first
         if at >= 0 and f"event={event}" in line[at:].split():
             out.append(dict(_EVENT_RE.findall(line[at:])))
     return out
+
+
+def console_events(name: str, event: str) -> list[dict[str, str]]:
+    """The guest's ``event=EVENT`` console lines so far (:func:`events_in`)."""
+    return events_in(launcher.console_log(name), event)
 
 
 async def wait_event(name: str, event: str, timeout_s: float) -> dict[str, str]:
