@@ -167,10 +167,12 @@ def test_bench_balloon_two_sizes_three_series(run_dir: Path, state_dir: Path, tm
         assert got["throughput"] > 0 and len(got["points"]) >= 3, (x, series, got)
         assert len(got["slices"]) == 2 == len(got["slice_throughputs"]), got  # --rounds 2
         assert got["reached"], (x, series)
-    # The balloon took the memory: the 320 MiB guest held about X of host memory when
-    # it got there, and was still at X at the end.
-    assert runs[160, "ballooned"]["rss_at_x_mib"] <= 160 + 8
-    assert runs[160, "ballooned"]["balloon_actual_mib"] == 160
+    # The balloon took the memory: going from 256 to 160 MiB, the 320 MiB guest gave
+    # the host back most of the 96 MiB (its host memory was seen up to ~18 MiB above X
+    # with random reads: docs/bench-balloon.md), and the balloon was still at X at the end.
+    bal = runs[160, "ballooned"]
+    assert bal["rss_at_x_mib"] <= min(bal["rss_before_mib"] - 48, 160 + 24), bal
+    assert bal["balloon_actual_mib"] == 160
     # Hypervisor swap paged the same guest out to 160 MiB (its cache alone is 128 MiB).
     assert runs[160, "swapped"]["swap_mib"] > 16
     assert [row["size_mib"] for row in doc["rows"]] == [256, 160]
