@@ -351,7 +351,8 @@ def run_policy(name: str, n: int, scanner: Scanner, ksm: Ksm, cfg: BenchConfig,
     step by raising :class:`Stopped`, leaving KSM to the caller to restore."""
     stop = stop or threading.Event()
     unmerge(ksm)
-    thp_at_start = sum(proc.anon_huge_bytes(t.pid) for t in scanner.targets)
+    thp_at_start = sum(proc.range_usage(t.pid, r.hva, r.size, t.name).anon_huge_bytes
+                       for t in scanner.targets for r in t.ram)
     progress(f"  {name} N={n}: KSM unmerged; {format_size(thp_at_start)} of guest RAM "
              "in huge pages")
     policy = make_policy(name, ksm, cfg)

@@ -286,16 +286,3 @@ def disable_thp() -> None:
     if libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def anon_huge_bytes(pid: int) -> int:
-    """The process's anonymous memory in transparent huge pages (``AnonHugePages`` of
-    ``/proc/PID/smaps_rollup``), 0 if it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
