@@ -304,6 +304,7 @@ class Squeeze:
         self.rng = np.random.default_rng(seed)
         self.invalidated = 0
         self.freed_bytes = 0  # left the swap cache after the page-outs
+        self.collateral_bytes = 0  # written to swap by the releases: pages not paged out
         self.rss_seen: list[int] = []  # resident bytes of guest RAM found at each tick
 
     def tick(self) -> int:
@@ -317,7 +318,9 @@ class Squeeze:
         _, out = page_out_random(info.pid, [(r.hva, r.size) for r in info.ram], int(excess),
                                  self.rng)
         self.invalidated += out
-        self.freed_bytes += reclaim.release(out * PAGE_SIZE, lambda _: None).freed_bytes
+        r = reclaim.release(out * PAGE_SIZE, lambda _: None)
+        self.freed_bytes += r.freed_bytes
+        self.collateral_bytes += r.collateral_bytes
         return rss - out * PAGE_SIZE
 
     async def down(self, timeout_s: float) -> bool:
@@ -379,7 +382,8 @@ async def _swapped_to(squeeze: Squeeze, cfg: BalloonConfig) -> dict[str, Any]:
     reduce_s = time.monotonic() - t0
     async with _holding(squeeze):
         await asyncio.sleep(cfg.settle_s)
-    squeeze.invalidated, squeeze.freed_bytes, squeeze.rss_seen = 0, 0, []
+    squeeze.invalidated, squeeze.freed_bytes, squeeze.collateral_bytes = 0, 0, 0
+    squeeze.rss_seen = []
     return {"reached": reached, "reduce_s": round(reduce_s, 2),
             "rss_before_mib": round(rss0 / MiB, 1)}
 
@@ -444,6 +448,7 @@ async def _interleaved(cfg: BalloonConfig, guests: dict[str, tuple[VM, Squeeze |
             seen = squeeze.rss_seen or [0]
             got.update({"window_paged_out_mib": round(squeeze.invalidated * PAGE_SIZE / MiB, 1),
                         "window_freed_mib": round(squeeze.freed_bytes / MiB, 1),
+                        "window_collateral_mib": round(squeeze.collateral_bytes / MiB, 1),
                         "window_rss_mean_mib": round(sum(seen) / len(seen) / MiB, 1)})
         out[series] = got
     return out

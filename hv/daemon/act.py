@@ -52,19 +52,18 @@ def page_out(m: ManagedVM, n: int) -> tuple[int, int]:
     return page_out_random(info.pid, [(r.hva, r.size) for r in info.ram], n, m.rng)
 
 
-def release(ctx: Context, pages: int) -> int:
-    """Free the swap cache ``pages`` just paged out filled; bytes freed.  A problem
-    (no kernel interface, a refused write) is told once, and page-out goes on."""
+def release(ctx: Context, pages: int) -> reclaim.Release:
+    """Free the swap cache ``pages`` just paged out filled.  A problem (no kernel
+    interface, a refused write) is told once, and page-out goes on."""
     try:
         r = reclaim.release(pages * PAGE_SIZE, ctx.guard.remember_sysctls)
-        problem, freed = r.problem, r.freed_bytes
     except HostError as exc:
-        problem, freed = str(exc), 0
-    if problem is not None and problem != ctx.release_problem:
-        ctx.log.write("release_failed", error=problem)
-        ctx.notify(f"paged-out memory is not freed: {problem}")
-    ctx.release_problem = problem
-    return freed
+        r = reclaim.Release(0, 0, str(exc))
+    if r.problem is not None and r.problem != ctx.release_problem:
+        ctx.log.write("release_failed", error=r.problem)
+        ctx.notify(f"paged-out memory is not freed: {r.problem}")
+    ctx.release_problem = r.problem
+    return r
 
 
 def _note_swap_effect(ctx: Context, m: ManagedVM, asked: int, invalidated: int) -> None:
@@ -149,10 +148,11 @@ async def _act(ctx: Context, m: ManagedVM, state: MemState, defer_swap: bool,
         n = swap_pages_for(r.resident_bytes, target)
         if n:
             asked, out = await asyncio.to_thread(page_out, m, n)
-            freed = await asyncio.to_thread(release, ctx, out)
+            rel = await asyncio.to_thread(release, ctx, out)
             m.actions["swap"] += 1
             m.paged_out_pages += asked
-            ctx.log.write("swap", vm=m.name, pages=asked, invalidated=out, freed_bytes=freed,
+            ctx.log.write("swap", vm=m.name, pages=asked, invalidated=out,
+                          freed_bytes=rel.freed_bytes, collateral_bytes=rel.collateral_bytes,
                           resident_bytes=r.resident_bytes, target_bytes=target,
                           why="balloon cannot reach target" if stuck and not actions.swap
                           else str(state))

@@ -44,7 +44,7 @@ def test_release_asks_for_what_was_paged_out_and_records_the_tunable(tmp_path: P
     monkeypatch.setattr(act.reclaim, "release", fake)
     told: list[str] = []
     c = context(tmp_path, told)
-    assert act.release(c, 100) == 100 * PAGE_SIZE // 2
+    assert act.release(c, 100).freed_bytes == 100 * PAGE_SIZE // 2
     assert asked == [100 * PAGE_SIZE]
     assert c.guard.sysctls == {} and GuardFile.load(c.guard.path).empty
     assert told == [] and c.release_problem is None
@@ -64,7 +64,7 @@ def test_a_problem_is_told_once_and_page_out_goes_on(tmp_path: Path, monkeypatch
     monkeypatch.setattr(act.reclaim, "release", fake)
     told: list[str] = []
     c = context(tmp_path, told)
-    freed = [act.release(c, 1) for _ in range(4)]
+    freed = [act.release(c, 1).freed_bytes for _ in range(4)]
     assert freed == [0, 0, 0, 4096]
     assert told == ["paged-out memory is not freed: no interface",
                     "paged-out memory is not freed: cannot write 0"]
