@@ -21,20 +21,23 @@ That interface reclaims only while the node's unmapped page cache is above
 often has less: the write then fails at once with EAGAIN and frees nothing.  The
 ratio serves zone reclaim (``vm.zone_reclaim_mode``, 0 by default) and this
 interface, nothing else.  Where ``zone_reclaim_mode`` is 0, hv sets the ratio to 0
-for the length of one write and then puts it back; the caller's ``remember`` records
+for the length of one release and then puts it back; the caller's ``remember`` records
 the original value first (hv's guard file), so the guardian restores it if hv dies
 in between.  Where zone reclaim is on, hv leaves the ratio alone.
 
 The interface frees pages from the tail of the node's inactive list, not the pages hv
 paged out: it frees those only while they are at the tail.  Measured
 (``scripts/bench_release.py``: a 512 MiB process reading its pages at random, two idle
-512 MiB neighbours, 20 rounds of 64 MiB paged out and released): while the busy
-process reads its memory back, the pages it paged out are not at the tail, and one
-request for what was paged out took 755 MiB of the idle neighbours' pages to swap.
-So :func:`release` asks in steps of 1 MiB and watches each one: a step that writes new
-pages to swap (pages no page-out chose: reclaiming a swap-cached page writes nothing)
-or frees less than half its size of the cache ends the release (same run: 33 MiB of
-the neighbours).  What a release wrote anew is its :attr:`Release.collateral_bytes`.
+512 MiB neighbours, 20 rounds of 64 MiB paged out and released): the pages the reader
+takes back are not at the tail, and one request for all that was paged out swapped
+764 MiB of the idle neighbours' pages.  So :func:`release` asks in steps of 1 MiB and
+watches each: the first step that writes pages to swap anew (pages no page-out chose;
+reclaiming a swap-cached page writes nothing) or reclaims less than half of itself
+ends the release.  Same run: 36 MiB of the neighbours, and as much freed.  The step
+that crosses the end still costs up to about 1 MiB (the kernel scans in batches), at
+every release: a guest that takes its pages back between every page-out pays it each
+time (``hv bench balloon`` at 192 MiB: about 30 MiB over a 25 s window, as before).
+What a release wrote anew is its :attr:`Release.collateral_bytes`.
 """
 
 from __future__ import annotations
@@ -66,12 +69,13 @@ WRITEBACK_WAIT_S = 1.0
 WRITEBACK_DONE_BYTES = 1 * MiB
 WRITEBACK_POLL_S = 0.01
 
-# A release asks in steps of STEP_BYTES (the most a step that reaches past the swap
-# cache costs the neighbours).  A step is clean when the swap cache fell by at least
-# half of it and at most an eighth of it went to swap anew (pages no page-out chose);
-# the first that is not ends the release.
+# A release asks in steps of STEP_BYTES (about the most a step that reaches past the
+# swap cache costs the neighbours).  A step is clean when the kernel reclaimed at least
+# half of it (``pgsteal_proactive``) and wrote at most an eighth of it to swap anew
+# (pages no page-out chose; swap in use is exact); the first that is not, or that the
+# kernel cannot meet, ends the release.
 STEP_BYTES = 1 * MiB
-CLEAN_FALL_FRACTION = 2
+CLEAN_TAKE_FRACTION = 2
 DIRTY_WRITE_FRACTION = 8
 
 # One release at a time: the ratio is saved, lowered and restored around each write.
@@ -112,6 +116,17 @@ def _swap_used() -> int:
     return total - free
 
 
+def _stolen() -> int:
+    """Pages proactive reclaim has freed, in bytes (kernels before 6.16 do not count
+    them: then the fall of the swap cache, which lags by up to about 1 MiB)."""
+    with open("/proc/vmstat") as f:
+        for line in f:
+            name, _, value = line.partition(" ")
+            if name == "pgsteal_proactive":
+                return int(value) * PAGE_SIZE
+    return -sum(_swapcached_pages(f) for f in nodes()) * PAGE_SIZE
+
+
 def _wait_writeback() -> None:
     deadline = time.monotonic() + WRITEBACK_WAIT_S
     while (_vmstat("/proc/vmstat", "nr_writeback") * PAGE_SIZE > WRITEBACK_DONE_BYTES
@@ -122,22 +137,27 @@ def _wait_writeback() -> None:
 def request(path: str, nbytes: int) -> str | None:
     """One proactive reclaim request to a node's file; None once asked (EAGAIN: asked,
     freed less), else why not.  ``nbytes`` 0 parses the request and reclaims nothing."""
+    return _request(path, nbytes)[0]
+
+
+def _request(path: str, nbytes: int) -> tuple[str | None, bool]:
+    """:func:`request`, and whether the kernel reclaimed less than asked (EAGAIN)."""
     for option in ("swappiness=max", "swappiness=200"):  # max: Linux 6.15+
         try:
             fd = os.open(path, os.O_WRONLY)
         except OSError as exc:
-            return f"cannot open {path}: {exc.strerror}"
+            return f"cannot open {path}: {exc.strerror}", True
         try:
             os.write(fd, f"{nbytes} {option}".encode())
-            return None
+            return None, False
         except OSError as exc:
             if exc.errno == errno.EAGAIN:
-                return None
+                return None, True
             if exc.errno != errno.EINVAL:
-                return f"cannot write to {path}: {exc.strerror}"
+                return f"cannot write to {path}: {exc.strerror}", True
         finally:
             os.close(fd)
-    return f"{path} accepts no swappiness option"
+    return f"{path} accepts no swappiness option", True
 
 
 def restore_sysctls(saved: dict[str, str], sysfs: Sysfs | None = None) -> None:
@@ -194,20 +214,22 @@ def release(nbytes: int, remember: Callable[[dict[str, str]], None],
             left = min(nbytes, total * PAGE_SIZE)
             while left >= PAGE_SIZE and not stopped:
                 piece = min(step_bytes, left)
-                cached = sum(_swapcached_pages(f) for f in files)
+                stolen = _stolen()
                 used = _swap_used()
                 for f, pages in before.items():
                     # Each node gives its share of what was cached at the start.
                     share = piece * pages // total
                     if share >= PAGE_SIZE:
-                        problem = request(f, share) or problem
+                        why, short = _request(f, share)
+                        problem = why or problem
+                        stopped = stopped or short  # the node has nothing more to give
                 asked += piece
                 left -= piece
-                fell = (cached - sum(_swapcached_pages(f) for f in files)) * PAGE_SIZE
+                took = _stolen() - stolen
                 wrote = max(0, _swap_used() - used)
                 collateral += wrote
-                stopped = (wrote * DIRTY_WRITE_FRACTION > piece
-                           or fell * CLEAN_FALL_FRACTION < piece)
+                stopped = (stopped or wrote * DIRTY_WRITE_FRACTION > piece
+                           or took * CLEAN_TAKE_FRACTION < piece)
         finally:
             if saved:
                 restore_sysctls(saved, sysfs)
