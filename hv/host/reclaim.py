@@ -12,9 +12,9 @@ The kernel's per-node proactive reclaim frees them (:func:`release`): once the
 writeback has ended, ``"N swappiness=max"`` written to
 ``/sys/devices/system/node/nodeX/reclaim`` (Linux 6.17 and later; ``max`` scans the
 anonymous LRU only) frees pages from the tail of the inactive anonymous LRU, where the
-kernel put each page whose writeback ended.  Measured: 1 GiB paged out, then released:
-``SwapCached`` 1024 -> 2 MiB and ``MemAvailable`` +1 GiB in 0.16 s, with 3 MiB of
-other anonymous pages swapped along with them.
+kernel put each page whose writeback ended.  Measured: 1 GiB paged out, then released
+in one request: ``SwapCached`` 1024 -> 2 MiB and ``MemAvailable`` +1 GiB in 0.16 s,
+with 3 MiB of other anonymous pages swapped along with them.
 
 That interface reclaims only while the node's unmapped page cache is above
 ``vm.min_unmapped_ratio`` (1 % of the node by default), and a host under pressure
@@ -78,7 +78,7 @@ STEP_BYTES = 1 * MiB
 CLEAN_TAKE_FRACTION = 2
 DIRTY_WRITE_FRACTION = 8
 
-# One release at a time: the ratio is saved, lowered and restored around each write.
+# One release at a time: the ratio is saved, lowered and restored around each release.
 _lock = threading.Lock()
 
 
@@ -90,7 +90,7 @@ class Release:
     freed_bytes: int          # the fall of the nodes' nr_swapcached during the writes
     problem: str | None = None  # why it could not be asked (all or in part)
     collateral_bytes: int = 0   # swap written anew during the writes: pages not paged out
-    stopped: bool = False       # a step freed other pages than the swap cache: ended early
+    stopped: bool = False       # ended before asking all: past the swap cache, or no more
 
 
 def nodes() -> list[str]:
@@ -117,8 +117,8 @@ def _swap_used() -> int:
 
 
 def _stolen() -> int:
-    """Pages proactive reclaim has freed, in bytes (kernels before 6.16 do not count
-    them: then the fall of the swap cache, which lags by up to about 1 MiB)."""
+    """Pages proactive reclaim has freed, in bytes (``pgsteal_proactive``; on a kernel
+    that does not count them, the fall of the swap cache, which lags by up to 1 MiB)."""
     with open("/proc/vmstat") as f:
         for line in f:
             name, _, value = line.partition(" ")
@@ -182,8 +182,8 @@ def release(nbytes: int, remember: Callable[[dict[str, str]], None],
     they are changed, and with ``{}`` once they are back; a ``HostError`` from it
     leaves them unchanged and is raised, as is one reading or writing them.  A
     kernel without the interface, or a node that refuses the write, is a
-    :attr:`Release.problem`.  ``step_bytes`` ``nbytes`` asks all at once, unwatched (the
-    baseline of ``scripts/bench_release.py``).
+    :attr:`Release.problem`.  With ``step_bytes`` at ``nbytes`` it asks all at once, as
+    hv did before (the baseline of ``scripts/bench_release.py``).
     """
     files = nodes()
     if nbytes <= 0:
