@@ -98,13 +98,17 @@ def nodes() -> list[str]:
     return sorted(glob.glob(NODE_RECLAIM_GLOB))
 
 
-def _vmstat(path: str, key: str) -> int:
+def _vmstat_or_none(path: str, key: str) -> int | None:
     with open(path) as f:
         for line in f:
             name, _, value = line.partition(" ")
             if name == key:
                 return int(value)
-    return 0
+    return None
+
+
+def _vmstat(path: str, key: str) -> int:
+    return _vmstat_or_none(path, key) or 0
 
 
 def _swapcached_pages(reclaim_file: str) -> int:
@@ -119,12 +123,10 @@ def _swap_used() -> int:
 def _stolen() -> int:
     """Pages proactive reclaim has freed, in bytes (``pgsteal_proactive``; on a kernel
     that does not count them, the fall of the swap cache, which lags by up to 1 MiB)."""
-    with open("/proc/vmstat") as f:
-        for line in f:
-            name, _, value = line.partition(" ")
-            if name == "pgsteal_proactive":
-                return int(value) * PAGE_SIZE
-    return -sum(_swapcached_pages(f) for f in nodes()) * PAGE_SIZE
+    pages = _vmstat_or_none("/proc/vmstat", "pgsteal_proactive")
+    if pages is None:
+        pages = -sum(_swapcached_pages(f) for f in nodes())
+    return pages * PAGE_SIZE
 
 
 def _wait_writeback() -> None:
